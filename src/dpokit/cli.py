@@ -1,0 +1,209 @@
+"""Command line: ``dpokit sft | dpo | demo | generate | losses``.
+
+Thin by design: parse, build the config, call one function. Every config key is a flag
+(``--train.lr 1e-5``) and a ``key=value`` override (``train.lr=1e-5``); the common ones have
+short names (``--model``, ``--data``, ``--output-dir``, ``--max-steps``, ``--loss``, ``--beta``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import re
+import sys
+from typing import Any
+
+from dpokit import __version__
+from dpokit.config import Config as _Config
+from dpokit.config import ConfigError, all_keys, field_meta, get_key, load_config, parse_override, set_key
+
+log = logging.getLogger("dpokit")
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
+
+SHORT = {
+    "--model": "model.name_or_path",
+    "--ref-model": "model.ref_name_or_path",
+    "--data": "data.train_files",
+    "--eval-data": "data.eval_files",
+    "--output-dir": "output_dir",
+    "--max-steps": "train.max_steps",
+    "--epochs": "train.epochs",
+    "--batch-size": "train.batch_size",
+    "--lr": "train.lr",
+    "--loss": "loss.name",
+    "--beta": "loss.beta",
+    "--precision": "precision",
+    "--seed": "train.seed",
+    "--save-steps": "train.save_steps",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, stage_defaults: dict[str, Any]) -> None:
+    defaults = _Config()
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags and key=value win over it)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="resume from the newest complete checkpoint of --output-dir, or from CKPT")
+    g.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train.lr=1e-5")
+    short_for = {v: k for k, v in SHORT.items()}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key in all_keys():
+        section = key.split(".")[0] if "." in key else "general"
+        grp = groups.setdefault(section, p.add_argument_group(f"{section} options"))
+        meta = field_meta(key)
+        default = stage_defaults.get(key, get_key(defaults, key))
+        names = [f"--{key}"] + ([short_for[key]] if key in short_for else [])
+        is_list = isinstance(get_key(defaults, key), list)
+        choices = meta.get("choices")
+        grp.add_argument(
+            *names, dest=key, default=argparse.SUPPRESS, nargs="+" if is_list else None,
+            metavar="V" if not choices else "{" + ",".join(choices) + "}",
+            help=f"{meta.get('help', '')} (default: {default!r})",
+        )
+
+
+def _config_from(args: argparse.Namespace, stage_defaults: dict[str, Any]) -> _Config:
+    """defaults < stage defaults < YAML (--config) < flags < key=value overrides."""
+    base = _Config()
+    for key, value in stage_defaults.items():
+        set_key(base, key, value)
+    ns = vars(args)
+    overrides = [(key, ns[key]) for key in all_keys() if key in ns]
+    overrides += [parse_override(text) for text in args.overrides]
+    return load_config(args.config, overrides, base=base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpokit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"dpokit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (makes a reference)",
+                         allow_abbrev=False)
+    _add_config_args(sft, STAGE_DEFAULTS["sft"])
+    dpo = sub.add_parser("dpo", help="train with DPO (or another preference loss) against a frozen reference",
+                         allow_abbrev=False)
+    _add_config_args(dpo, STAGE_DEFAULTS["dpo"])
+
+    demo = sub.add_parser("demo", help="controlled-sentiment DPO on the embedded SmolLM2-135M-Instruct",
+                          allow_abbrev=False)
+    demo.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="cache for the converted model and sampled pairs (default: ~/.cache/dpokit)")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (a few minutes) to check the set-up")
+    demo.add_argument("--seed", type=int, default=0, help="seed for sampling and training (default: 0)")
+
+    gen = sub.add_parser("generate", help="sample completions from a model", allow_abbrev=False)
+    gen.add_argument("--model", required=True, help="model directory, hub id, .gguf file or 'smollm2'")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="wrap each prompt as a user message in the chat template (default: on)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    gen.add_argument("--seed", type=int, default=0, help="(default: 0)")
+
+    sub.add_parser("losses", help="list the preference losses with their papers and options")
+    return p
+
+
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"output_dir": "runs/sft"},
+    "dpo": {"output_dir": "runs/dpo"},
+}
+
+
+def _suggest_flag(arg: str, parser: argparse.ArgumentParser) -> str:
+    flags = [s for a in parser._actions for s in a.option_strings]
+    close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.5)
+    return f"unknown option '{arg}'" + (f"; did you mean '{close[0]}'?" if close else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dpokit.train.common import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # key=value overrides may appear anywhere, even after a flag that takes a list (--data a b)
+    kv = [a for a in argv if OVERRIDE.match(a)]
+    args, unknown = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + kv
+    setup_logging()
+    try:
+        if unknown:
+            sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+            raise ConfigError(_suggest_flag(unknown[0], sub))
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"dpokit: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from dpokit.data.formats import DataError
+        from dpokit.models import ModelLoadError
+
+        if isinstance(e, (DataError, ModelLoadError, FileNotFoundError)):
+            print(f"dpokit: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("sft", "dpo"):
+        cfg = _config_from(args, STAGE_DEFAULTS[args.command])
+        if args.command == "sft":
+            from dpokit.train.sft import run_sft
+
+            out = run_sft(cfg, resume=args.resume)
+        else:
+            from dpokit.train.dpo import run_dpo
+
+            out = run_dpo(cfg, resume=args.resume)
+        print(out)
+        return 0
+    if args.command == "demo":
+        from dpokit.demo import run_demo
+
+        run_demo(output_dir=args.output_dir, cache_dir=args.cache_dir, quick=args.quick, seed=args.seed)
+        return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "losses":
+        from dpokit.losses import LOSSES
+
+        print(f"{'name':<12} {'reference':<9} {'log-probs':<9} {'options':<28} paper")
+        for name, spec in sorted(LOSSES.items()):
+            opts = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
+            print(f"{name:<12} {'yes' if spec.needs_reference else 'no':<9} "
+                  f"{'mean' if spec.length_normalized else 'sum':<9} {opts:<28} {spec.paper}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpokit.eval.sampling import sample
+    from dpokit.models import load_model, load_tokenizer, pick_device
+
+    prompts: list[str] = list(args.prompt)
+    if args.prompts_file:
+        prompts += [ln for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ConfigError("give at least one --prompt or a --prompts-file")
+    device = pick_device()
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model).to(device)
+    inputs: list[Any] = [[{"role": "user", "content": p}] if args.chat else p for p in prompts]
+    for s in sample(model, tok, inputs, n=args.num_samples, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device):
+        print(f"### prompt {s.prompt_index}: {prompts[s.prompt_index]}\n{s.text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Typed run configuration: defaults < YAML file < command-line flags < ``key=value`` overrides.
+
+Every field has a dotted key (``train.lr``, ``loss.beta``, ...). The same keys are used in YAML
+files, in ``key=value`` overrides and in the resolved ``config.yaml`` written into each run
+directory, so a run can be repeated with ``dpokit dpo --config RUN/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration a person has to fix; the message says what and how."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "smollm2",
+        "policy to train: Hugging Face directory, hub id, a .gguf file, or 'smollm2' (the embedded "
+        "SmolLM2-135M-Instruct)",
+    )
+    ref_name_or_path: str | None = _f(
+        None, "frozen reference for DPO; default: a frozen copy of the starting policy"
+    )
+    trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run (off by default)")
+    device: str = _f("auto", "cpu, cuda, cuda:N, mps, or auto (cuda > mps > cpu)")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f([], "training data: .jsonl/.json/.parquet/.csv files, save_to_disk folders, hub ids")
+    eval_files: list[str] = _f([], "held-out data, evaluated at the end of training")
+    split: str = _f("train", "split to read from a hub id or a DatasetDict folder")
+    max_length: int = _f(1024, "maximum tokens of prompt + completion")
+    max_prompt_length: int = _f(512, "prompt budget when a pair exceeds max_length")
+    prompt_truncation: str = _f(
+        "left", "which end of an over-long prompt to cut: left or right", choices=["left", "right"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(8, "pairs (or SFT examples) per optimizer step per process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step; must divide batch_size")
+    lr: float | None = _f(None, "peak learning rate; default 1e-6 for dpo, 2e-5 for sft")
+    max_steps: int | None = _f(None, "optimizer steps to run; exclusive with epochs")
+    epochs: float | None = _f(None, "passes over the data (default 1); exclusive with max_steps")
+    warmup_ratio: float = _f(0.1, "fraction of steps spent warming up the learning rate linearly from 0")
+    scheduler: str = _f("linear", "learning-rate decay after warmup", choices=["linear", "cosine", "constant"])
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    save_steps: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept on disk (the newest)")
+    log_steps: int = _f(1, "write a metrics.jsonl line every N steps (averaged over them)")
+    seed: int = _f(42, "seed for data order, initialisation and sampling")
+    logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("sigmoid", "preference loss (see `dpokit losses`)")
+    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log(pi/pi_ref)")
+    label_smoothing: float = _f(0.0, "probability that a label is flipped (conservative DPO); 0 = plain DPO")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    precision: str = _f(
+        "auto", "fp32, bf16 (autocast, fp32 master weights), or auto (bf16 where the hardware has it)",
+        choices=["fp32", "bf16", "auto"],
+    )
+    output_dir: str = _f("runs/dpo", "run directory: config, metrics.jsonl, checkpoints/, final/")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> Config:
+        """Check ranges and combinations; raise ConfigError with an actionable message."""
+        t, d, lo = self.train, self.data, self.loss
+        for key, value in flat_items(self):
+            choices = field_meta(key).get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{key}={value!r} is not one of {choices}")
+        positive = {
+            "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.log_steps": t.log_steps,
+            "data.max_length": d.max_length, "data.max_prompt_length": d.max_prompt_length,
+            "train.logit_chunk_tokens": t.logit_chunk_tokens, "train.keep_last": t.keep_last,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}: "
+                "batch_size counts pairs per optimizer step, split evenly into grad_accum micro-batches"
+            )
+        if d.max_prompt_length >= d.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length={d.max_prompt_length} must be smaller than data.max_length={d.max_length}"
+            )
+        if t.max_steps is not None and t.epochs is not None:
+            raise ConfigError("train.max_steps and train.epochs are mutually exclusive: set one of them")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {t.max_steps}")
+        if t.epochs is not None and t.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {t.epochs}")
+        if t.lr is not None and not t.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if not 0 <= t.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        if t.save_steps < 0 or t.max_grad_norm < 0 or t.weight_decay < 0:
+            raise ConfigError("train.save_steps, train.max_grad_norm and train.weight_decay must be >= 0")
+        if not lo.beta > 0:
+            raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
+        if not 0 <= lo.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+        return self
+
+
+# ---------------------------------------------------------------------- key handling
+def _sections() -> dict[str, type]:
+    fields = dataclasses.fields(Config)
+    return {f.name: f.default_factory for f in fields if dataclasses.is_dataclass(f.default_factory)}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, in declaration order."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        if f.name in _sections():
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(_sections()[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _field(key: str) -> dataclasses.Field:
+    parts = key.split(".")
+    cls: type = Config
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise _unknown(key)
+        f = fields[part]
+        if i < len(parts) - 1:
+            if part not in _sections():
+                raise _unknown(key)
+            cls = _sections()[part]
+        elif part in _sections():
+            raise _unknown(key)
+    return f
+
+
+def field_meta(key: str) -> dict:
+    return dict(_field(key).metadata)
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare field name typed without its section: suggest by the last part
+        tails = {k.split(".")[-1]: k for k in all_keys()}
+        hit = difflib.get_close_matches(key.split(".")[-1], list(tails), n=1, cutoff=0.6)
+        close = [tails[hit[0]]] if hit else []
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `dpokit dpo --help` for every key"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _resolve_type(tp: Any) -> tuple[type, bool, bool]:
+    """(base type, is optional, is list) of a field annotation."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"list": list, "str": str, "int": int, "float": float, "bool": bool, "None": None})
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError naming the key."""
+    base, optional, is_list = _resolve_type(_field(key).type)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [coerce_scalar(key, base, v) for v in items]
+    return coerce_scalar(key, base, value)
+
+
+def coerce_scalar(key: str, base: type, value: Any) -> Any:
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: expected {base.__name__}, got {value!r}")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    value = coerce(key, value)
+    obj: Any = cfg
+    *head, last = key.split(".")
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def flat_items(cfg: Config) -> list[tuple[str, Any]]:
+    return [(k, get_key(cfg, k)) for k in all_keys()]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key in _sections():
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-5`` -> ('train.lr', 1e-05). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(
+    yaml_path: str | Path | None = None,
+    overrides: list[tuple[str, Any]] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Build a validated Config from defaults, an optional YAML file and (key, value) overrides."""
+    cfg = base or Config()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        for key, value in _flatten(data).items():
+            try:
+                set_key(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in overrides or []:
+        set_key(cfg, key, value)
+    return cfg.validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data path: records -> canonical examples -> token ids -> padded batches."""

@@ -1,0 +1,333 @@
+"""Read records from files or datasets and normalize every supported schema to one canonical form.
+
+Canonical forms:
+
+* ``PreferenceExample(prompt, chosen, rejected)``: either all three are plain strings (the
+  prompt is continued by the completion) or all three are chat messages, where ``prompt`` is the
+  conversation up to the final assistant turn and ``chosen``/``rejected`` are that final turn.
+* ``SFTExample(prompt, completion)`` with the same two shapes.
+
+Supported preference schemas (detected per record):
+
+* explicit prompt: ``{"prompt", "chosen", "rejected"}``; each a string or chat messages;
+* implicit prompt: ``{"chosen", "rejected"}`` full texts or conversations sharing a prefix;
+* Anthropic-HH transcripts: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` strings;
+* multi-turn conversations: only the final assistant turn is the completion.
+
+SFT schemas: ``{"prompt", "completion"}``, ``{"messages"}``, or any preference record (its
+chosen response is the demonstration, the DPO paper's recipe when no SFT model exists).
+
+Every problem raises ``DataError`` naming the file, the line/row and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Message = dict[str, str]
+Text = str | list[Message]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A record that cannot be used; the message names file, record and field."""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: Text
+    completion: Text
+    source: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+# ---------------------------------------------------------------------------------- readers
+def read_records(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield ``(location, record)`` for every record of a file, folder or hub id.
+
+    ``location`` reads ``file:line N`` (JSONL, CSV) or ``file:record N`` / ``file:row N``.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if p.is_dir():
+        yield from _read_saved_dataset(p, split)
+    elif p.is_file():
+        if suffix == ".jsonl":
+            yield from _read_jsonl(p)
+        elif suffix == ".json":
+            yield from _read_json(p)
+        elif suffix == ".parquet":
+            yield from _read_parquet(p)
+        elif suffix == ".csv":
+            yield from _read_csv(p)
+        else:
+            raise DataError(f"{p}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+    elif suffix in (".jsonl", ".json", ".parquet", ".csv") or path.startswith((".", "/")):
+        raise DataError(f"{p}: no such file")
+    else:
+        yield from _read_hub(path, split)
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _read_json(p: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON array of records (or an object holding one array)")
+    for n, rec in enumerate(data):
+        yield f"{p}:record {n}", rec
+
+
+def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for n, rec in enumerate(pq.read_table(p).to_pylist()):
+        yield f"{p}:row {n}", rec
+
+
+def _read_csv(p: Path) -> Iterator[tuple[str, Any]]:
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for rec in reader:
+            yield f"{p}:line {reader.line_num}", dict(rec)
+
+
+def _read_saved_dataset(p: Path, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a saved dataset"
+        raise DataError(f"{p}: a folder, but not a dataset written by save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{p}: no split '{split}' (has {sorted(ds)}); set data.split")
+        ds = ds[split]
+    for n, rec in enumerate(ds):
+        yield f"{p}:row {n}", rec
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"{name}: not a local file or folder, and loading it as a hub dataset failed "
+            f"({type(e).__name__}: {e}). Offline? Download it where there is a network and pass the "
+            "folder written by `datasets.Dataset.save_to_disk`, or a .jsonl/.parquet file."
+        ) from None
+    for n, rec in enumerate(ds):
+        yield f"{name}[{split}]:row {n}", rec
+
+
+# ---------------------------------------------------------------------------- validation
+def _messages(value: Any, where: str, fld: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{fld}': expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{fld}[{i}]': expected a message object, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}: field '{fld}[{i}].role': unknown role {role!r} (expected one of {ROLES})")
+        if not isinstance(content, str):
+            raise DataError(
+                f"{where}: field '{fld}[{i}].content': expected a string, got {type(content).__name__}"
+            )
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _text(value: Any, where: str, fld: str) -> Text:
+    """A field that is either a string or chat messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, where, fld)
+    if value is None:
+        raise DataError(f"{where}: field '{fld}' is missing or null")
+    raise DataError(f"{where}: field '{fld}': expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _nonempty(text: Text, where: str, fld: str) -> None:
+    content = text if isinstance(text, str) else text[-1]["content"]
+    if not content.strip():
+        raise DataError(f"{where}: field '{fld}' is empty or whitespace only")
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def is_hh(text: Any) -> bool:
+    return isinstance(text, str) and "\n\nHuman:" in text and "\n\nAssistant:" in text
+
+
+def parse_hh(text: str, where: str, fld: str) -> list[Message]:
+    """Split an Anthropic-HH transcript into user/assistant messages."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: field '{fld}': HH transcript has text before the first '\\n\\nHuman:'")
+    msgs = [
+        {"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+        for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
+    return msgs
+
+
+def _split_conversations(chosen: list[Message], rejected: list[Message], where: str) -> PreferenceExample:
+    """Full conversations -> (shared history, final chosen turn, final rejected turn)."""
+    for fld, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{fld}': the last message must be an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        n = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b) if len(chosen) == len(
+            rejected
+        ) else min(len(chosen), len(rejected)) - 1
+        raise DataError(
+            f"{where}: fields 'chosen'/'rejected': the conversations differ before their final assistant "
+            f"turn (at message {n}); only the final turn may differ"
+        )
+    if not chosen[:-1]:
+        raise DataError(f"{where}: fields 'chosen'/'rejected': no prompt turns before the final assistant turn")
+    return PreferenceExample(chosen[:-1], chosen[-1:], rejected[-1:], where)
+
+
+def _common_text_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    prefix = a[:n]
+    if n < len(a) and n < len(b) and prefix and not prefix[-1].isspace():
+        # the texts diverge inside a word: start the completions at that word
+        cut = max(prefix.rfind(" "), prefix.rfind("\n"))
+        prefix = prefix[: cut + 1] if cut >= 0 else ""
+    return prefix
+
+
+def to_preference(rec: Any, where: str) -> PreferenceExample:
+    """One raw record -> PreferenceExample, or DataError naming where and which field."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object with 'chosen' and 'rejected', got {type(rec).__name__}")
+    for fld in ("chosen", "rejected"):
+        if fld not in rec or rec[fld] is None:
+            raise DataError(f"{where}: field '{fld}' is missing")
+    chosen = _text(rec["chosen"], where, "chosen")
+    rejected = _text(rec["rejected"], where, "rejected")
+    prompt_raw = rec.get("prompt")
+
+    if prompt_raw is None:  # implicit prompt
+        if is_hh(chosen) and is_hh(rejected):
+            chosen = parse_hh(chosen, where, "chosen")
+            rejected = parse_hh(rejected, where, "rejected")
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise DataError(f"{where}: fields 'chosen'/'rejected': one is a conversation and the other a string")
+        if isinstance(chosen, list):
+            ex = _split_conversations(chosen, rejected, where)
+        else:
+            prompt = _common_text_prefix(chosen, rejected)
+            if not prompt:
+                raise DataError(
+                    f"{where}: field 'prompt' is missing and 'chosen'/'rejected' share no prefix to take it from"
+                )
+            ex = PreferenceExample(prompt, chosen[len(prompt):], rejected[len(prompt):], where)
+    else:
+        prompt = _text(prompt_raw, where, "prompt")
+        if isinstance(prompt, str) and not any(isinstance(x, list) for x in (chosen, rejected)):
+            ex = PreferenceExample(prompt, chosen, rejected, where)
+        else:  # conversational: everything becomes messages; only the final assistant turn differs
+            history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+            def full(c: Text) -> list[Message]:
+                return history + (c if isinstance(c, list) else [{"role": "assistant", "content": c}])
+
+            ex = _split_conversations(full(chosen), full(rejected), where)
+    _nonempty(ex.chosen, where, "chosen")
+    _nonempty(ex.rejected, where, "rejected")
+    return ex
+
+
+def to_sft(rec: Any, where: str) -> SFTExample:
+    """One raw record -> SFTExample (prompt/completion, messages, or a preference record's chosen)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    if "chosen" in rec and "rejected" in rec:
+        ex = to_preference(rec, where)
+        return SFTExample(ex.prompt, ex.chosen, where)
+    if "messages" in rec:
+        msgs = _messages(rec["messages"], where, "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages': the last message must be an assistant turn")
+        if len(msgs) < 2:
+            raise DataError(f"{where}: field 'messages': needs at least one turn before the assistant's")
+        ex = SFTExample(msgs[:-1], msgs[-1:], where)
+    elif "prompt" in rec and "completion" in rec:
+        prompt = _text(rec["prompt"], where, "prompt")
+        completion = _text(rec["completion"], where, "completion")
+        if isinstance(prompt, list) or isinstance(completion, list):
+            history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            comp = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            if len(comp) != 1 or comp[0]["role"] != "assistant":
+                raise DataError(f"{where}: field 'completion': expected one assistant message")
+            ex = SFTExample(history, comp, where)
+        else:
+            ex = SFTExample(prompt, completion, where)
+    else:
+        raise DataError(
+            f"{where}: unknown SFT schema with fields {sorted(rec)}: expected 'prompt'+'completion', "
+            "'messages', or a preference record with 'chosen'+'rejected'"
+        )
+    _nonempty(ex.completion, where, "completion")
+    return ex
+
+
+def load_preferences(paths: list[str], split: str = "train") -> list[PreferenceExample]:
+    """Read and normalize every record of every path; the first bad record raises DataError."""
+    if not paths:
+        raise DataError("no data files given (set data.train_files or --data)")
+    return [to_preference(rec, where) for p in paths for where, rec in read_records(p, split)]
+
+
+def load_sft(paths: list[str], split: str = "train") -> list[SFTExample]:
+    if not paths:
+        raise DataError("no data files given (set data.train_files or --data)")
+    return [to_sft(rec, where) for p in paths for where, rec in read_records(p, split)]

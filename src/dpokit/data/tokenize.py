@@ -1,0 +1,171 @@
+"""Tokenize canonical examples: chat template applied once, prompt and completion tokenized jointly.
+
+The boundary between prompt and completion is found on the joint token ids: the prompt is the
+longest common prefix of the tokenized prompt and the tokenized prompt+completion (for a pair,
+the shorter of the two such prefixes, so chosen and rejected share one prompt). Tokenizing the
+pieces separately and concatenating them gives different ids wherever tokens merge across the
+boundary (``"Answer:" + " yes"``), and a model never sees those ids at inference.
+
+EOS: appended to a completion that does not already contain the tokenizer's EOS (plain-text
+data always; chat templates usually close the turn themselves).
+
+Truncation, only when prompt + longest completion exceeds ``max_length``: the prompt is cut to
+``max_prompt_length`` (from the left by default, keeping a leading BOS), then the completions
+are cut from the right to fit. Every truncation and every pair left with identical completions
+is counted in a ``TokenizeReport``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpokit.data.formats import PreferenceExample, SFTExample, Text
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TokenizedSFT:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    source: str = ""
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization did to the data; nothing is dropped without being counted here."""
+
+    examples: int = 0
+    kept: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    dropped_identical: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.kept}/{self.examples} examples kept"]
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} prompts truncated")
+        if self.completion_truncated:
+            parts.append(f"{self.completion_truncated} with completions truncated")
+        if self.dropped_identical:
+            first = ", ".join(self.dropped_identical[:3])
+            parts.append(f"{len(self.dropped_identical)} skipped: chosen == rejected after tokenization ({first})")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples, "kept": self.kept, "prompt_truncated": self.prompt_truncated,
+            "completion_truncated": self.completion_truncated,
+            "skipped_identical": len(self.dropped_identical), "skipped_identical_sources": self.dropped_identical,
+        }
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(out: Any) -> list[int]:
+    ids = out["input_ids"] if not isinstance(out, list) else out
+    return list(ids)
+
+
+def render(tokenizer: Any, prompt: Text, completion: Text) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt alone and of prompt+completion, each tokenized in one piece.
+
+    Chat messages go through the tokenizer's chat template (the prompt with the generation
+    prompt appended); plain text is tokenized with the tokenizer's special tokens (e.g. BOS).
+    """
+    if isinstance(prompt, list):
+        assert isinstance(completion, list)
+        prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True))
+        full_ids = _ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True))
+    else:
+        assert isinstance(completion, str)
+        prompt_ids = _ids(tokenizer(prompt))
+        full_ids = _ids(tokenizer(prompt + completion))
+    return prompt_ids, full_ids
+
+
+def _with_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is None or eos_id in ids:
+        return ids
+    return ids + [eos_id]
+
+
+def truncate_prompt(prompt: list[int], budget: int, side: str, bos_id: int | None) -> list[int]:
+    if len(prompt) <= budget:
+        return prompt
+    if side == "right":
+        return prompt[:budget]
+    if bos_id is not None and prompt and prompt[0] == bos_id and budget > 1:
+        return prompt[:1] + prompt[len(prompt) - budget + 1:]
+    return prompt[len(prompt) - budget:]
+
+
+def _fit(
+    prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int,
+    side: str, bos_id: int | None, report: TokenizeReport,
+) -> tuple[list[int], list[list[int]]]:
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions
+    if len(prompt) > max_prompt_length:
+        prompt = truncate_prompt(prompt, max_prompt_length, side, bos_id)
+        report.prompt_truncated += 1
+    room = max_length - len(prompt)
+    if longest > room:
+        completions = [c[:room] for c in completions]
+        report.completion_truncated += 1
+    return prompt, completions
+
+
+def tokenize_pair(
+    tokenizer: Any, ex: PreferenceExample, *, max_length: int, max_prompt_length: int,
+    prompt_truncation: str = "left", report: TokenizeReport | None = None,
+) -> TokenizedPair | None:
+    """One preference example -> token ids; None (counted in ``report``) when chosen == rejected."""
+    report = report if report is not None else TokenizeReport()
+    report.examples += 1
+    prompt_ids, chosen_full = render(tokenizer, ex.prompt, ex.chosen)
+    _, rejected_full = render(tokenizer, ex.prompt, ex.rejected)
+    n = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
+    eos = tokenizer.eos_token_id
+    prompt, (chosen, rejected) = _fit(
+        chosen_full[:n], [_with_eos(chosen_full[n:], eos), _with_eos(rejected_full[n:], eos)],
+        max_length, max_prompt_length, prompt_truncation, tokenizer.bos_token_id, report,
+    )
+    if chosen == rejected:
+        report.dropped_identical.append(ex.source or f"example {report.examples - 1}")
+        return None
+    report.kept += 1
+    return TokenizedPair(prompt, chosen, rejected, ex.source)
+
+
+def tokenize_sft(
+    tokenizer: Any, ex: SFTExample, *, max_length: int, max_prompt_length: int,
+    prompt_truncation: str = "left", report: TokenizeReport | None = None,
+) -> TokenizedSFT:
+    report = report if report is not None else TokenizeReport()
+    report.examples += 1
+    prompt_ids, full = render(tokenizer, ex.prompt, ex.completion)
+    n = common_prefix_length(prompt_ids, full)
+    prompt, (completion,) = _fit(
+        full[:n], [_with_eos(full[n:], tokenizer.eos_token_id)], max_length, max_prompt_length,
+        prompt_truncation, tokenizer.bos_token_id, report,
+    )
+    report.kept += 1
+    return TokenizedSFT(prompt, completion, ex.source)

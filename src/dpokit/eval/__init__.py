@@ -1,0 +1,1 @@
+"""Evaluation: sampling, judges, KL drift."""

@@ -1,0 +1,116 @@
+"""Seeded, batched sampling from a model, and scoring of samples under a model.
+
+Sampling at temperature 1 with top-k and top-p off draws from the model's own distribution,
+which is what a KL estimate from samples requires.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpokit.data.collate import pad_rows
+from dpokit.data.formats import Text
+from dpokit.logprobs import sequence_logps
+from dpokit.models import autocast
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+
+
+def prompt_ids(tokenizer: Any, prompt: Text) -> list[int]:
+    if isinstance(prompt, list):
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+@torch.no_grad()
+def sample(
+    model: Any, tokenizer: Any, prompts: Sequence[Text], *, n: int = 1, max_new_tokens: int = 64,
+    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
+    device: torch.device | None = None, precision: str = "fp32",
+) -> list[Sample]:
+    """n samples per prompt (prompt-major order); greedy when temperature == 0."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: list[Sample] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        width = max(len(ids) for _, ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for r, (_, ids) in enumerate(chunk):  # left padding for generation
+            input_ids[r, width - len(ids):] = torch.tensor(ids)
+            attention[r, width - len(ids):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        with autocast(device, precision):
+            seqs = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                pad_token_id=pad, eos_token_id=eos, **kwargs,
+            )
+        for r, (i, ids) in enumerate(chunk):
+            completion = seqs[r, width:].tolist()
+            if eos in completion:
+                completion = completion[: completion.index(eos) + 1]
+            text = tokenizer.decode(completion, skip_special_tokens=True)
+            out.append(Sample(i, ids, completion, text))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def score(
+    model: Any, samples: Sequence[Sample], *, batch_size: int = 32, pad_id: int = 0,
+    device: torch.device | None = None, precision: str = "fp32",
+) -> torch.Tensor:
+    """log pi(completion | prompt) summed over tokens, [len(samples)] fp32 on CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = pad_rows([(s.prompt_ids, s.completion_ids) for s in chunk], pad_id)
+        with autocast(device, precision):
+            sums, _ = sequence_logps(model, *(batch[k].to(device) for k in
+                                              ("input_ids", "attention_mask", "completion_mask")))
+        out.append(sums.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class KLEstimate:
+    """KL(policy || reference) from policy samples: mean of log pi(y|x) - log pi_ref(y|x)."""
+
+    sequence: float
+    sequence_stderr: float
+    per_token: float
+    samples: int
+
+
+def kl_from_logps(policy_logps: torch.Tensor, ref_logps: torch.Tensor, lengths: Sequence[int]) -> KLEstimate:
+    """Monte-Carlo KL from y ~ policy; unbiased at sequence level, per token = total / tokens."""
+    d = (policy_logps - ref_logps).double()
+    n = d.numel()
+    stderr = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    tokens = max(1, int(sum(lengths)))
+    return KLEstimate(float(d.mean()), stderr, float(d.sum() / tokens), n)

@@ -1,0 +1,67 @@
+"""Per-sequence log-probabilities of completion tokens, from hidden states.
+
+For row i with completion positions C_i, the sequence log-prob is
+
+    log pi(y_i | x_i) = sum_{t in C_i} log softmax(W h_{i, t-1})[y_{i, t}]
+
+where h is the last hidden state and W the LM head. Only completion positions go through the
+LM head (prompt and padding positions never do), in chunks of ``chunk_tokens`` rows, and the
+log-softmax runs in fp32: the temporary logits are at most [chunk_tokens, vocab], never
+[batch, seq, vocab].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def completion_targets(
+    input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions whose next token is a completion token.
+
+    Returns (rows [M], positions [M], targets [M]): hidden state ``h[rows, positions]``
+    predicts token ``targets`` = ``input_ids[rows, positions + 1]``.
+    """
+    mask = completion_mask[:, 1:].bool()
+    rows, pos = mask.nonzero(as_tuple=True)
+    return rows, pos, input_ids[:, 1:][mask]
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *,
+    chunk_tokens: int = 1024, softcap: float | None = None,
+) -> torch.Tensor:
+    """log p(target | hidden) for M hidden states [M, H] and targets [M] -> [M] in fp32."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = lm_head(hidden[start : start + chunk_tokens]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        tgt = targets[start : start + chunk_tokens]
+        out.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+    *, chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion lengths, both [N] (fp32 and long).
+
+    ``input_ids``, ``attention_mask``, ``completion_mask``: [N, T], right-padded.
+    The mean log-prob is ``sums / lengths``.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, pos, targets = completion_targets(input_ids, completion_mask)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    tok = token_logps_from_hidden(
+        hidden[rows, pos], model.get_output_embeddings(), targets, chunk_tokens=chunk_tokens, softcap=softcap
+    )
+    n = input_ids.shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
+    lengths = torch.bincount(rows, minlength=n)
+    return sums, lengths

@@ -1,0 +1,1 @@
+"""Training: the one loop and the stage recipes that plug into it."""

@@ -1,0 +1,115 @@
+"""What every stage does before and after the loop: run directory, logging, model, data, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit import __version__
+from dpokit.config import Config, save_config
+from dpokit.data.tokenize import TokenizeReport
+from dpokit.models import pick_device, resolve_precision
+from dpokit.train import checkpoint as ckpt
+from dpokit.train.loop import append_metrics, seed_everything
+
+__all__ = ["append_metrics"]
+
+log = logging.getLogger("dpokit")
+
+
+def setup_logging(run_dir: Path | None = None) -> None:
+    logger = logging.getLogger("dpokit")
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(getattr(h, "_dpokit", None) == "console" for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        h._dpokit = "console"  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    if run_dir is not None:
+        target = str(run_dir / "train.log")
+        for h in list(logger.handlers):
+            if getattr(h, "_dpokit", None) == "file":
+                logger.removeHandler(h)
+                h.close()
+        fh = logging.FileHandler(target)
+        fh.setFormatter(fmt)
+        fh._dpokit = "file"  # type: ignore[attr-defined]
+        logger.addHandler(fh)
+    logger.propagate = False
+
+
+@dataclass
+class Stage:
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: str
+    resume_from: Path | None
+
+
+def begin(cfg: Config, resume: str | None) -> Stage:
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.model.device)
+    precision = resolve_precision(cfg.precision, device)
+    resume_from = ckpt.find_resume(run_dir, resume)
+    save_config(cfg, run_dir / "config.yaml")
+    log.info("run directory %s; device %s; precision %s", run_dir, device, precision)
+    return Stage(cfg, run_dir, device, precision, resume_from)
+
+
+def tokenize_all(
+    examples: Sequence[Any], fn: Callable[..., Any], tokenizer: Any, cfg: Config, what: str, run_dir: Path,
+) -> tuple[list[Any], TokenizeReport]:
+    report = TokenizeReport()
+    d = cfg.data
+    out = [fn(tokenizer, ex, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+              prompt_truncation=d.prompt_truncation, report=report) for ex in examples]
+    kept = [x for x in out if x is not None]
+    log.info("%s data: %s", what, report.summary())
+    reports = run_dir / "data_report.json"
+    existing = json.loads(reports.read_text()) if reports.exists() else {}
+    existing[what] = report.to_dict()
+    reports.write_text(json.dumps(existing, indent=1))
+    return kept, report
+
+
+def model_card(cfg: Config, stage: str, base: str, metrics: dict[str, float], extra: str = "") -> str:
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    data = ", ".join(cfg.data.train_files) or "(none)"
+    return f"""---
+library_name: transformers
+tags: [dpokit, {stage}]
+base_model: {base}
+---
+# {stage.upper()} model trained with dpokit {__version__}
+
+- **Stage:** {stage}
+- **Started from:** `{base}`
+- **Reference:** `{cfg.model.ref_name_or_path or base}` {"(frozen copy of the start)" if not
+    cfg.model.ref_name_or_path else ""}
+- **Training data:** {data}
+- **Loss:** `{cfg.loss.name}`, beta = {cfg.loss.beta}, label_smoothing = {cfg.loss.label_smoothing}
+- **Steps:** {cfg.train.max_steps or f"{cfg.train.epochs or 1} epoch(s)"}, batch {cfg.train.batch_size} \
+(grad_accum {cfg.train.grad_accum}), lr {cfg.train.lr}, seed {cfg.train.seed}, precision {cfg.precision}
+
+Last logged metrics: `{json.dumps(shown)}`
+{extra}
+The full resolved configuration is in the run directory's `config.yaml`; per-step metrics in `metrics.jsonl`.
+"""
+
+
+def finish(stage: Stage, model: Any, tokenizer: Any, card: str) -> Path:
+    out = ckpt.export_final(stage.run_dir / "final", model, tokenizer, card)
+    log.info("final model written to %s", out)
+    return out

@@ -1,0 +1,55 @@
+"""SFT stage: next-token loss on completion tokens only; its output is a DPO reference.
+
+The loss is the mean negative log-likelihood over all completion tokens of the optimizer step:
+L = -(1 / sum_i |y_i|) * sum_i log pi(y_i | x_i).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.config import Config
+from dpokit.data.collate import collate_sft
+from dpokit.data.formats import load_sft
+from dpokit.data.tokenize import tokenize_sft
+from dpokit.logprobs import sequence_logps
+from dpokit.models import load_model, load_tokenizer
+from dpokit.train import common
+from dpokit.train.loop import Logs, Recipe, train
+
+DEFAULT_LR = 2e-5
+
+
+def sft_recipe(cfg: Config, pad_id: int) -> Recipe:
+    chunk = cfg.train.logit_chunk_tokens
+
+    def compute(model: torch.nn.Module, batch: dict[str, torch.Tensor], denom: int) -> tuple[torch.Tensor, Logs]:
+        sums, lengths = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["completion_mask"], chunk_tokens=chunk)
+        nll = -sums.sum()
+        n_tokens = int(lengths.sum())
+        return nll / denom, {"loss": (float(nll.detach()), n_tokens),
+                             "logps/completion": (float(sums.detach().sum()), len(lengths))}
+
+    return Recipe(
+        name="sft", collate=lambda items: collate_sft(items, pad_id),
+        units=lambda items: sum(len(x.completion_ids) for x in items), compute=compute,
+        throughput_name="examples_per_s", postfix=("loss",),
+    )
+
+
+def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None) -> Path:
+    stage = common.begin(cfg, resume)
+    tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    examples = load_sft(cfg.data.train_files, cfg.data.split)
+    items, _ = common.tokenize_all(examples, tokenize_sft, tokenizer, cfg, "train", stage.run_dir)
+    model = model if model is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model.to(stage.device)
+    lr = cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR
+    result = train(cfg, model, sft_recipe(cfg, tokenizer.pad_token_id), items, stage.run_dir, stage.device,
+                   stage.precision, lr, resume_from=stage.resume_from)
+    card = common.model_card(cfg, "sft", cfg.model.name_or_path, result.last_metrics)
+    return common.finish(stage, model, tokenizer, card)

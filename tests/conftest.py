@@ -1,0 +1,89 @@
+"""Fixtures: a real tokenizer (SmolLM2's, read once from the embedded GGUF) and tiny random
+Llama-style models built from a config. No network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dpokit.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer("smollm2").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):
+    from dpokit.models import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+def tiny_config(vocab_size: int = 49152):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+    )
+
+
+def make_tiny(seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture()
+def tiny_model():
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A saved tiny model + the real tokenizer: what a user's HF directory looks like."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny().save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+PAIRS = [
+    {"prompt": "The movie was", "chosen": " wonderful and moving.", "rejected": " dull and far too long."},
+    {"prompt": "I thought the acting", "chosen": " was superb throughout.", "rejected": " was wooden."},
+    {"prompt": "The plot", "chosen": " kept me guessing.", "rejected": " made no sense at all, sadly."},
+    {"prompt": "Overall,", "chosen": " a delight.", "rejected": " a waste of an evening."},
+    {"prompt": [{"role": "user", "content": "Review the film."}],
+     "chosen": [{"role": "assistant", "content": "A joyful triumph."}],
+     "rejected": [{"role": "assistant", "content": "A tedious mess."}]},
+    {"prompt": "The soundtrack", "chosen": " soared.", "rejected": " grated on me."},
+    {"prompt": "Its director", "chosen": " has outdone herself.", "rejected": " lost the thread."},
+    {"prompt": "By the end", "chosen": " I was in tears of joy.", "rejected": " I was asleep."},
+]
+
+
+@pytest.fixture()
+def pairs_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    return path
