@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dpokit.config import Config
+from dpokit.config import Config, ConfigError
 from dpokit.data.collate import collate_sft
 from dpokit.data.formats import load_sft
 from dpokit.data.tokenize import tokenize_sft
@@ -41,7 +41,19 @@ def sft_recipe(cfg: Config, pad_id: int) -> Recipe:
     )
 
 
+def refuse_dpo_options(cfg: Config) -> None:
+    """SFT has no reference and no preference loss: setting their options is a mistake, not a no-op."""
+    default = Config()
+    for key, value, base in (("loss.name", cfg.loss.name, default.loss.name),
+                             ("loss.beta", cfg.loss.beta, default.loss.beta),
+                             ("loss.label_smoothing", cfg.loss.label_smoothing, default.loss.label_smoothing),
+                             ("model.ref_name_or_path", cfg.model.ref_name_or_path, None)):
+        if value != base:
+            raise ConfigError(f"{key}={value!r} has no effect on `dpokit sft` (no reference, no preference loss)")
+
+
 def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None) -> Path:
+    refuse_dpo_options(cfg)
     stage = common.begin(cfg, resume)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     examples = load_sft(cfg.data.train_files, cfg.data.split)
