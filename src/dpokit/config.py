@@ -73,13 +73,30 @@ class TrainConfig:
     log_steps: int = _f(1, "write a metrics.jsonl line every N steps (averaged over them)")
     seed: int = _f(42, "seed for data order, initialisation and sampling")
     logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
+    displacement_nats: float = _f(
+        1.0, "warn when the chosen log-prob falls this far below the reference's while margins grow (0: off)"
+    )
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("sigmoid", "preference loss (see `dpokit losses`)")
-    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log(pi/pi_ref)")
-    label_smoothing: float = _f(0.0, "probability that a label is flipped (conservative DPO); 0 = plain DPO")
+    name: str = _f("sigmoid", "preference loss (see `dpokit losses`); several joined by ',' train a weighted mixture")
+    weights: list[float] = _f([], "mixture weights, one per loss in loss.name (default: 1 each)")
+    beta: float = _f(0.1, "KL strength beta of the implicit reward beta*log(pi/pi_ref) (ORPO: lambda)")
+    label_smoothing: float | None = _f(None, "probability a label is flipped (sigmoid/cDPO, robust, exo_pair, aot, "
+                                       "simpo, cpo); default: the loss's own")
+    gamma: float | None = _f(None, "SimPO target margin gamma (default 0.5)")
+    tau: float | None = _f(None, "DiscoPOP temperature tau (default 0.05)")
+    cpo_alpha: float | None = _f(None, "CPO weight of the chosen NLL term (default 1.0)")
+    dpop_lambda: float | None = _f(None, "DPO-Positive penalty lambda on a falling chosen likelihood (sigmoid)")
+    desirable_weight: float | None = _f(None, "KTO weight of desirable examples (default 1.0)")
+    undesirable_weight: float | None = _f(None, "KTO weight of undesirable examples (default 1.0)")
+    rpo_alpha: float = _f(0.0, "weight of an added NLL term on the chosen response (RPO); 0 = off")
+    reference_free: bool = _f(False, "treat pi_ref as uniform (log pi_ref = 0): no reference model is run")
+    length_normalized: bool | None = _f(None, "per-token mean log-probs (true) or sums (false); default: the "
+                                       "loss's own (IPO: mean, as TRL; false = the paper's sums)")
+    ranked: str = _f("all_pairs", "ranked data (>2 responses): expand to all pairs, or plackett_luce",
+                     choices=["all_pairs", "plackett_luce"])
 
 
 @dataclass
@@ -133,8 +150,13 @@ class Config:
             raise ConfigError("train.save_steps, train.max_grad_norm and train.weight_decay must be >= 0")
         if not lo.beta > 0:
             raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
-        if not 0 <= lo.label_smoothing < 0.5:
+        if lo.label_smoothing is not None and not 0 <= lo.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+        if lo.rpo_alpha < 0:
+            raise ConfigError(f"loss.rpo_alpha must be >= 0, got {lo.rpo_alpha}")
+        if lo.weights and len(lo.weights) != len(lo.name.split(",")):
+            raise ConfigError(f"loss.weights has {len(lo.weights)} entries but loss.name names "
+                              f"{len(lo.name.split(','))} losses")
         return self
 
 

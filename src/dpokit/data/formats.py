@@ -320,14 +320,147 @@ def to_sft(rec: Any, where: str) -> SFTExample:
     return ex
 
 
-def load_preferences(paths: list[str], split: str = "train") -> list[PreferenceExample]:
-    """Read and normalize every record of every path; the first bad record raises DataError."""
+def load_preferences(paths: list[str], split: str = "train", report: dict | None = None) -> list[PreferenceExample]:
+    """Read and normalize every record of every path; the first bad record raises DataError.
+
+    Ranked records (``responses`` + ``scores``/``ranks``) expand to all their ordered pairs; tied
+    pairs are skipped and counted in ``report["ranked_tied_pairs_skipped"]``.
+    """
     if not paths:
         raise DataError("no data files given (set data.train_files or --data)")
-    return [to_preference(rec, where) for p in paths for where, rec in read_records(p, split)]
+    out: list[PreferenceExample] = []
+    for p in paths:
+        for where, rec in read_records(p, split):
+            if is_ranked(rec):
+                pairs, ties = ranked_to_pairs(to_ranked(rec, where))
+                out += pairs
+                if report is not None and ties:
+                    report["ranked_tied_pairs_skipped"] = report.get("ranked_tied_pairs_skipped", 0) + ties
+            else:
+                out.append(to_preference(rec, where))
+    return out
 
 
 def load_sft(paths: list[str], split: str = "train") -> list[SFTExample]:
     if not paths:
         raise DataError("no data files given (set data.train_files or --data)")
     return [to_sft(rec, where) for p in paths for where, rec in read_records(p, split)]
+
+
+# ------------------------------------------------------------------ unpaired (KTO) and ranked data
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One completion with a binary label: desirable (True) or undesirable (False)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    source: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class RankedExample:
+    """K >= 2 completions of one prompt, best first, with their scores (higher is better)."""
+
+    prompt: Text
+    completions: tuple[Text, ...]
+    scores: tuple[float, ...]
+    source: str = ""
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _label(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:  # CSV cells
+        return value.strip().lower() in _TRUE
+    raise DataError(f"{where}: field 'label': expected true/false, got {value!r}")
+
+
+def to_unpaired(rec: Any, where: str) -> list[UnpairedExample]:
+    """{"prompt", "completion", "label"} -> one example; a preference record -> two (chosen True, rejected False)."""
+    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
+        ex = to_preference(rec, where)
+        return [UnpairedExample(ex.prompt, ex.chosen, True, where),
+                UnpairedExample(ex.prompt, ex.rejected, False, where)]
+    if not isinstance(rec, dict) or "label" not in rec:
+        fields = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise DataError(f"{where}: unpaired (KTO) data needs 'prompt', 'completion' and a boolean 'label' "
+                        f"(or a preference record); got {fields}")
+    for fld in ("prompt", "completion"):
+        if rec.get(fld) is None:
+            raise DataError(f"{where}: field '{fld}' is missing")
+    sft = to_sft({"prompt": rec["prompt"], "completion": rec["completion"]}, where)
+    return [UnpairedExample(sft.prompt, sft.completion, _label(rec["label"], where), where)]
+
+
+def is_ranked(rec: Any) -> bool:
+    return isinstance(rec, dict) and "responses" in rec
+
+
+def to_ranked(rec: Any, where: str) -> RankedExample:
+    """{"prompt", "responses": [...], "scores": [...] | "ranks": [...]} (rank 1 = best); a pair is K = 2."""
+    if isinstance(rec, dict) and not is_ranked(rec):
+        ex = to_preference(rec, where)
+        return RankedExample(ex.prompt, (ex.chosen, ex.rejected), (1.0, 0.0), where)
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    responses = rec["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{where}: field 'responses': expected a list of at least 2 responses")
+    if ("scores" in rec) == ("ranks" in rec):
+        raise DataError(f"{where}: ranked data needs exactly one of 'scores' (higher is better) or 'ranks' (1 = best)")
+    key = "scores" if "scores" in rec else "ranks"
+    values = rec[key]
+    if not isinstance(values, list) or len(values) != len(responses):
+        raise DataError(f"{where}: field '{key}': expected a list as long as 'responses' ({len(responses)})")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise DataError(f"{where}: field '{key}[{i}]': expected a number, got {v!r}")
+    scores = [float(v) if key == "scores" else -float(v) for v in values]
+    prompt = _text(rec.get("prompt"), where, "prompt")
+    comps: list[Text] = []
+    for i, r in enumerate(responses):
+        c = _text(r, where, f"responses[{i}]")
+        if isinstance(prompt, list) and isinstance(c, str):
+            c = [{"role": "assistant", "content": c}]
+        _nonempty(c, where, f"responses[{i}]")
+        comps.append(c)
+    if isinstance(prompt, str) and any(isinstance(c, list) for c in comps):
+        prompt = [{"role": "user", "content": prompt}]
+        comps = [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in comps]
+    order = sorted(range(len(comps)), key=lambda i: -scores[i])
+    return RankedExample(prompt, tuple(comps[i] for i in order), tuple(scores[i] for i in order), where)
+
+
+def ranked_to_pairs(ex: RankedExample) -> tuple[list[PreferenceExample], int]:
+    """All pairs (i better than j) of a ranked example; tied pairs are skipped and counted."""
+    pairs, ties = [], 0
+    k = len(ex.completions)
+    for i in range(k):
+        for j in range(i + 1, k):
+            if ex.scores[i] > ex.scores[j]:
+                pairs.append(PreferenceExample(ex.prompt, ex.completions[i], ex.completions[j], ex.source))
+            else:
+                ties += 1
+    return pairs, ties
+
+
+def load_unpaired(paths: list[str], split: str = "train") -> list[UnpairedExample]:
+    if not paths:
+        raise DataError("no data files given (set data.train_files or --data)")
+    return [u for p in paths for where, rec in read_records(p, split) for u in to_unpaired(rec, where)]
+
+
+def load_ranked(paths: list[str], split: str = "train") -> list[RankedExample]:
+    if not paths:
+        raise DataError("no data files given (set data.train_files or --data)")
+    return [to_ranked(rec, where) for p in paths for where, rec in read_records(p, split)]

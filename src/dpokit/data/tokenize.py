@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpokit.data.formats import PreferenceExample, SFTExample, Text
+from dpokit.data.formats import PreferenceExample, RankedExample, SFTExample, Text, UnpairedExample
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,24 @@ def _fit(
     return prompt, completions
 
 
+def tokenize_group(
+    tokenizer: Any, prompt: Text, completions: Sequence[Text], *, max_length: int, max_prompt_length: int,
+    prompt_truncation: str, report: TokenizeReport,
+) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids shared by K completions, each tokenized jointly with the prompt, then fitted to max_length."""
+    prompt_ids, n, fulls = None, None, []
+    for c in completions:
+        p_ids, full = render(tokenizer, prompt, c)
+        prompt_ids = p_ids if prompt_ids is None else prompt_ids
+        cut = common_prefix_length(p_ids, full)
+        n = cut if n is None else min(n, cut)
+        fulls.append(full)
+    assert prompt_ids is not None and n is not None
+    eos = tokenizer.eos_token_id
+    return _fit(fulls[0][:n], [_with_eos(f[n:], eos) for f in fulls], max_length, max_prompt_length,
+                prompt_truncation, tokenizer.bos_token_id, report)
+
+
 def tokenize_pair(
     tokenizer: Any, ex: PreferenceExample, *, max_length: int, max_prompt_length: int,
     prompt_truncation: str = "left", report: TokenizeReport | None = None,
@@ -140,14 +158,9 @@ def tokenize_pair(
     """One preference example -> token ids; None (counted in ``report``) when chosen == rejected."""
     report = report if report is not None else TokenizeReport()
     report.examples += 1
-    prompt_ids, chosen_full = render(tokenizer, ex.prompt, ex.chosen)
-    _, rejected_full = render(tokenizer, ex.prompt, ex.rejected)
-    n = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))
-    eos = tokenizer.eos_token_id
-    prompt, (chosen, rejected) = _fit(
-        chosen_full[:n], [_with_eos(chosen_full[n:], eos), _with_eos(rejected_full[n:], eos)],
-        max_length, max_prompt_length, prompt_truncation, tokenizer.bos_token_id, report,
-    )
+    prompt, (chosen, rejected) = tokenize_group(
+        tokenizer, ex.prompt, [ex.chosen, ex.rejected], max_length=max_length,
+        max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation, report=report)
     if chosen == rejected:
         report.dropped_identical.append(ex.source or f"example {report.examples - 1}")
         return None
@@ -161,11 +174,49 @@ def tokenize_sft(
 ) -> TokenizedSFT:
     report = report if report is not None else TokenizeReport()
     report.examples += 1
-    prompt_ids, full = render(tokenizer, ex.prompt, ex.completion)
-    n = common_prefix_length(prompt_ids, full)
-    prompt, (completion,) = _fit(
-        full[:n], [_with_eos(full[n:], tokenizer.eos_token_id)], max_length, max_prompt_length,
-        prompt_truncation, tokenizer.bos_token_id, report,
-    )
+    prompt, (completion,) = tokenize_group(
+        tokenizer, ex.prompt, [ex.completion], max_length=max_length, max_prompt_length=max_prompt_length,
+        prompt_truncation=prompt_truncation, report=report)
     report.kept += 1
     return TokenizedSFT(prompt, completion, ex.source)
+
+
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: str = ""
+
+
+def tokenize_unpaired(
+    tokenizer: Any, ex: UnpairedExample, *, max_length: int, max_prompt_length: int,
+    prompt_truncation: str = "left", report: TokenizeReport | None = None,
+) -> TokenizedUnpaired:
+    item = tokenize_sft(tokenizer, SFTExample(ex.prompt, ex.completion, ex.source), max_length=max_length,
+                        max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation, report=report)
+    return TokenizedUnpaired(item.prompt_ids, item.completion_ids, ex.label, ex.source)
+
+
+@dataclass(frozen=True)
+class TokenizedRanked:
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]  # best first
+    source: str = ""
+
+
+def tokenize_ranked(
+    tokenizer: Any, ex: RankedExample, *, max_length: int, max_prompt_length: int,
+    prompt_truncation: str = "left", report: TokenizeReport | None = None,
+) -> TokenizedRanked | None:
+    """None (counted) when two of the completions become identical: their ranking would contradict itself."""
+    report = report if report is not None else TokenizeReport()
+    report.examples += 1
+    prompt, comps = tokenize_group(tokenizer, ex.prompt, list(ex.completions), max_length=max_length,
+                                   max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation,
+                                   report=report)
+    if len({tuple(c) for c in comps}) < len(comps):
+        report.dropped_identical.append(ex.source or f"example {report.examples - 1}")
+        return None
+    report.kept += 1
+    return TokenizedRanked(prompt, comps, ex.source)

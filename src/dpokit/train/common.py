@@ -15,6 +15,7 @@ import torch
 from dpokit import __version__
 from dpokit.config import Config, save_config
 from dpokit.data.tokenize import TokenizeReport
+from dpokit.losses import OPTION_KEYS
 from dpokit.models import pick_device, resolve_precision
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.loop import append_metrics, seed_everything
@@ -99,7 +100,7 @@ base_model: {base}
 - **Reference:** `{cfg.model.ref_name_or_path or base}` {"(frozen copy of the start)" if not
     cfg.model.ref_name_or_path else ""}
 - **Training data:** {data}
-- **Loss:** `{cfg.loss.name}`, beta = {cfg.loss.beta}, label_smoothing = {cfg.loss.label_smoothing}
+- **Loss:** `{cfg.loss.name}`, beta = {cfg.loss.beta}{_loss_options(cfg)}
 - **Steps:** {cfg.train.max_steps or f"{cfg.train.epochs or 1} epoch(s)"}, batch {cfg.train.batch_size} \
 (grad_accum {cfg.train.grad_accum}), lr {cfg.train.lr}, seed {cfg.train.seed}, precision {cfg.precision}
 
@@ -107,6 +108,14 @@ Last logged metrics: `{json.dumps(shown)}`
 {extra}
 The full resolved configuration is in the run directory's `config.yaml`; per-step metrics in `metrics.jsonl`.
 """
+
+
+def _loss_options(cfg: Config) -> str:
+    lc = cfg.loss
+    shown = [f"{k} = {getattr(lc, k)}" for k in OPTION_KEYS if getattr(lc, k) is not None]
+    shown += [f"rpo_alpha = {lc.rpo_alpha}"] if lc.rpo_alpha else []
+    shown += ["reference-free"] if lc.reference_free else []
+    return "".join(", " + s for s in shown)
 
 
 def finish(stage: Stage, model: Any, tokenizer: Any, card: str) -> Path:

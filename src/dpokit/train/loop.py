@@ -169,10 +169,10 @@ def train(
             elapsed = max(time.perf_counter() - t0, 1e-9)
             record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **_means(acc),
                       "lr": current_lr, "tokens_per_s": tokens / elapsed, recipe.throughput_name: examples / elapsed}
+            if on_log is not None:
+                on_log(record)  # may annotate the record before it is written
             history.append(record)
             append_metrics(run_dir, record)
-            if on_log is not None:
-                on_log(record)
             last = record
             bar.set_postfix({k.split("/")[-1][:6]: f"{record[k]:.4g}" for k in (*recipe.postfix,
                              recipe.throughput_name) if k in record})

@@ -6,12 +6,13 @@ L = -(1 / sum_i |y_i|) * sum_i log pi(y_i | x_i).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpokit.config import Config, ConfigError
+from dpokit.config import Config, ConfigError, LossConfig
 from dpokit.data.collate import collate_sft
 from dpokit.data.formats import load_sft
 from dpokit.data.tokenize import tokenize_sft
@@ -43,13 +44,13 @@ def sft_recipe(cfg: Config, pad_id: int) -> Recipe:
 
 def refuse_dpo_options(cfg: Config) -> None:
     """SFT has no reference and no preference loss: setting their options is a mistake, not a no-op."""
-    default = Config()
-    for key, value, base in (("loss.name", cfg.loss.name, default.loss.name),
-                             ("loss.beta", cfg.loss.beta, default.loss.beta),
-                             ("loss.label_smoothing", cfg.loss.label_smoothing, default.loss.label_smoothing),
-                             ("model.ref_name_or_path", cfg.model.ref_name_or_path, None)):
-        if value != base:
-            raise ConfigError(f"{key}={value!r} has no effect on `dpokit sft` (no reference, no preference loss)")
+    default = LossConfig()
+    for f in dataclasses.fields(LossConfig):
+        value = getattr(cfg.loss, f.name)
+        if value != getattr(default, f.name):
+            raise ConfigError(f"loss.{f.name}={value!r} has no effect on `dpokit sft` (no preference loss)")
+    if cfg.model.ref_name_or_path:
+        raise ConfigError("model.ref_name_or_path has no effect on `dpokit sft` (no reference)")
 
 
 def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None) -> Path:
