@@ -201,6 +201,11 @@ def discopop_loss(pc, pr, rc, rr, *, beta: float, tau: float = 0.05):
 
 
 # ------------------------------------------------------------------------------- reference-free
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate near 0 too (Maechler 2012: switch branches at x = -ln 2)."""
+    return torch.where(x < -LN2, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def _free_rewards(pc: torch.Tensor, pr: torch.Tensor, beta: float):
     return (beta * pc).detach(), (beta * pr).detach()
 
@@ -222,7 +227,7 @@ def orpo_loss(pc, pr, rc, rr, *, beta: float, chosen_nll: torch.Tensor):
 
     log odds(y_w) - log odds(y_l) = (m_w - m_l) - (log(1 - e^{m_w}) - log(1 - e^{m_l})), m = mean log-prob.
     """
-    log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
+    log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
     return (chosen_nll - beta * F.logsigmoid(log_odds), *_free_rewards(pc, pr, beta))
 
 
