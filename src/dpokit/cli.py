@@ -175,11 +175,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "losses":
         from dpokit.losses import LOSSES
 
-        print(f"{'name':<12} {'reference':<9} {'log-probs':<9} {'options':<28} paper")
+        print(f"{'name':<10} {'reference':<9} {'log-probs':<9} {'data':<8} {'nll':<4} {'options (defaults)':<36} paper")
         for name, spec in sorted(LOSSES.items()):
             opts = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
-            print(f"{name:<12} {'yes' if spec.needs_reference else 'no':<9} "
-                  f"{'mean' if spec.length_normalized else 'sum':<9} {opts:<28} {spec.paper}")
+            print(f"{name:<10} {'yes' if spec.needs_reference else 'no':<9} "
+                  f"{'mean' if spec.length_normalized else 'sum':<9} {'paired' if spec.paired else 'unpaired':<8} "
+                  f"{'yes' if spec.needs_nll else '-':<4} {opts:<36} {spec.paper}")
+        print("\nfor every paired loss: loss.rpo_alpha (NLL on chosen), loss.reference_free, loss.length_normalized, "
+              "mixtures (loss.name=a,b with loss.weights); ranked data: loss.ranked=all_pairs|plackett_luce")
         return 0
     raise AssertionError(args.command)
 

@@ -1,0 +1,148 @@
+"""Each loss trains the tiny model through the CLI; losses that need no reference never run one."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.losses import LOSSES
+
+BASE = ["--max-steps", "2", "train.batch_size=4", "train.lr=1e-3", "precision=fp32", "train.warmup_ratio=0"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def forward_log(monkeypatch):
+    """Records, for every log-prob forward, whether it ran the policy (train mode) or the frozen reference."""
+    import dpokit.train.dpo as dpo
+
+    calls: list[str] = []
+    real = dpo._logps
+
+    def spy(model, batch, chunk):
+        calls.append("policy" if model.training else "reference")
+        return real(model, batch, chunk)
+
+    monkeypatch.setattr(dpo, "_logps", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in LOSSES.items() if s.paired))
+def test_every_paired_loss_trains_through_the_cli(name, tmp_path, tiny_model_dir, pairs_file, forward_log):
+    extra = ["loss.label_smoothing=0.1"] if name == "robust" else []
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(tmp_path),
+                 "--loss", name, *BASE, *extra]) == 0
+    rows = _metrics(tmp_path)
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)  # finite
+    assert rows[0]["grad_norm"] > 0
+    assert (tmp_path / "final" / "config.json").is_file()
+    ref_calls = forward_log.count("reference")
+    if LOSSES[name].needs_reference:
+        assert ref_calls == forward_log.count("policy") == 2
+    else:
+        assert ref_calls == 0 and forward_log.count("policy") == 2
+
+
+def test_reference_free_mode_runs_no_reference(tmp_path, tiny_model_dir, pairs_file, forward_log):
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(tmp_path),
+                 "loss.reference_free=true", *BASE]) == 0
+    assert forward_log.count("reference") == 0 and forward_log.count("policy") == 2
+
+
+def test_mixture_and_rpo_through_the_cli(tmp_path, tiny_model_dir, pairs_file):
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(tmp_path / "a"),
+                 "--loss", "sigmoid,ipo", "loss.weights=[1.0, 0.2]", *BASE]) == 0
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(tmp_path / "b"),
+                 "loss.rpo_alpha=0.5", *BASE]) == 0
+    plain = tmp_path / "c"
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(plain),
+                 *BASE]) == 0
+    # the NLL term is added at step 1, where the DPO part is exactly ln 2
+    assert _metrics(tmp_path / "b")[0]["loss"] > _metrics(plain)[0]["loss"] + 1.0
+
+
+def test_kto_unpaired_data_through_the_cli(tmp_path, tiny_model_dir, forward_log):
+    data = tmp_path / "kto.jsonl"
+    rows = [{"prompt": f"Review {i}:", "completion": " great fun" if i % 2 else " awful", "label": bool(i % 2)}
+            for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                 "--loss", "kto", "loss.undesirable_weight=1.5", *BASE]) == 0
+    out = _metrics(tmp_path / "run")
+    assert {"loss", "kl", "rewards/chosen", "rewards/rejected"} <= set(out[0])
+    assert out[0]["kl"] == 0.0  # policy == reference at step 1
+    assert forward_log.count("reference") == 2
+
+
+def test_kto_refuses_a_micro_batch_of_one(tmp_path, tiny_model_dir, pairs_file, capsys):
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir", str(tmp_path),
+                 "--loss", "kto", "train.batch_size=2", "train.grad_accum=2"]) == 2
+    assert "KL baseline inside each micro-batch" in capsys.readouterr().err
+
+
+def _ranked_file(tmp_path: Path) -> Path:
+    data = tmp_path / "ranked.jsonl"
+    rows = [{"prompt": f"Rate film {i}:", "responses": [" superb", " fine", " dreadful"], "scores": [2.0, 1.0, 0.0]}
+            for i in range(4)]
+    rows.append({"prompt": "Rate:", "responses": [" a", " b", " c"], "ranks": [3, 1, 2]})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_ranked_data_all_pairs_and_plackett_luce(tmp_path, tiny_model_dir):
+    data = _ranked_file(tmp_path)
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "pairs"),
+                 *BASE]) == 0
+    report = json.loads((tmp_path / "pairs" / "data_report.json").read_text())
+    assert report["train"]["kept"] == 15  # 5 prompts x 3 ordered pairs each
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "pl"),
+                 "loss.ranked=plackett_luce", *BASE]) == 0
+    pl = _metrics(tmp_path / "pl")
+    import math
+
+    # step 1, policy == reference: each of the K-1 = 2 terms is log of the number of remaining responses
+    assert pl[0]["loss"] == pytest.approx(math.log(3) + math.log(2), abs=1e-6)
+
+
+def test_losses_table_lists_every_loss(capsys):
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    for name in LOSSES:
+        assert name in out
+    assert "gamma=0.5" in out and "Meng et al. 2024" in out
+
+
+def test_displacement_watch_marks_and_warns_once():
+    from dpokit.train.dpo import DisplacementWatch
+
+    watch = DisplacementWatch(nats=1.0, beta=0.1)
+    records = [{"step": 1, "rewards/margins": 0.0, "logratio/chosen": 0.0},
+               {"step": 2, "rewards/margins": 0.5, "logratio/chosen": -0.5},
+               {"step": 3, "rewards/margins": 1.5, "logratio/chosen": -3.0},   # chosen fell 3 nats, margin grew
+               {"step": 4, "rewards/margins": 2.0, "logratio/chosen": -4.0},
+               {"step": 5, "rewards/margins": -0.1, "logratio/chosen": -4.0}]  # margin not growing: no mark
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda rec: seen.append(rec.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dpokit")
+    logger.addHandler(handler)
+    try:
+        for r in records:
+            watch(r)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.get("likelihood_displacement", False) for r in records] == [False, False, True, True, False]
+    warnings = [m for m in seen if "likelihood displacement" in m]
+    assert len(warnings) == 1
+    assert "step 3" in warnings[0] and "3.00 nats" in warnings[0] and "rpo_alpha" in warnings[0]
+    assert "dpop_lambda" in warnings[0]
+    off = DisplacementWatch(nats=0.0, beta=0.1)
+    r = {"step": 3, "rewards/margins": 1.5, "logratio/chosen": -3.0}
+    off(r)
+    assert "likelihood_displacement" not in r
