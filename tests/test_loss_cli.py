@@ -146,3 +146,55 @@ def test_displacement_watch_marks_and_warns_once():
     r = {"step": 3, "rewards/margins": 1.5, "logratio/chosen": -3.0}
     off(r)
     assert "likelihood_displacement" not in r
+
+
+def test_kto_loss_matches_trl_kto_trainer(tokenizer):
+    """TRL's KTOTrainer on its own batch; dpokit's kto_loss fed the same log-probs (matched and mismatched
+    rows, policy and reference, from TRL's own forwards) gives the same loss. Tokenization and the
+    mismatched KL pairs (completion i-1 with prompt i) are checked to be the same as dpokit's too."""
+    import datasets
+    import torch
+    from conftest import make_tiny
+    from trl import KTOConfig, KTOTrainer
+
+    from dpokit.data.formats import to_unpaired
+    from dpokit.data.tokenize import tokenize_unpaired
+    from dpokit.losses import kto_loss
+    from dpokit.train.dpo import collate_unpaired
+
+    rows = [{"prompt": "The film", "completion": " was lovely.", "label": True},
+            {"prompt": "Acting:", "completion": " wooden and dull", "label": False},
+            {"prompt": "Plot twist", "completion": " landed well", "label": True},
+            {"prompt": "Ending", "completion": " fell flat.", "label": False}]
+    beta, w_u = 0.3, 1.5
+    args = KTOConfig(output_dir="/tmp/trl-kto", report_to=[], use_cpu=True, beta=beta, per_device_train_batch_size=4,
+                     undesirable_weight=w_u, max_length=None)
+    trainer = KTOTrainer(model=make_tiny(seed=11), ref_model=make_tiny(seed=12), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = trainer._compute_loss(trainer.model, batch, return_outputs=False).item()
+
+    ours_batch = collate_unpaired([tokenize_unpaired(tokenizer, to_unpaired(r, "t")[0], max_length=512,
+                                                     max_prompt_length=256) for r in rows], tokenizer.pad_token_id)
+    b = len(rows)
+    for ours_key, theirs_key, part in (("input_ids", "input_ids", slice(0, b)), ("input_ids", "KL_input_ids", slice(b, None))):
+        ours_rows = [[t for t, m in zip(r, a) if m] for r, a in zip(ours_batch[ours_key][part].tolist(),
+                                                                   ours_batch["attention_mask"][part].tolist())]
+        mask = batch["attention_mask" if theirs_key == "input_ids" else "KL_attention_mask"]
+        theirs_rows = [[t for t, m in zip(r, a) if m] for r, a in zip(batch[theirs_key].tolist(), mask.tolist())]
+        assert ours_rows == theirs_rows
+
+    def logps(model, ids, attn, comp):
+        labels = ids.masked_fill(comp == 0, -100)
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).log_probs.sum(-1)
+
+    main_in = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    kl_in = (batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    pol, ref = logps(trainer.model, *main_in), logps(trainer.ref_model, *main_in)
+    kl = (logps(trainer.model, *kl_in) - logps(trainer.ref_model, *kl_in)).mean()
+    labels = torch.as_tensor(batch["label"], dtype=torch.bool)
+    ours = kto_loss(pol, ref, labels, kl, beta=beta, desirable_weight=1.0, undesirable_weight=w_u)[0].mean().item()
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert kl.item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-6) and kl.item() > 0

@@ -189,10 +189,11 @@ def dpo_recipe(cfg: Config, reference: torch.nn.Module | None, pad_id: int) -> R
 
 # ---------------------------------------------------------------------------------- unpaired
 def collate_unpaired(items: Sequence[TokenizedUnpaired], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows 0..B-1: (prompt_i, completion_i); rows B..2B-1: (prompt_i, completion_{(i+1) mod B}) for the KL term."""
+    """Rows 0..B-1: (prompt_i, completion_i); rows B..2B-1: (prompt_i, completion_{(i-1) mod B}) for the KL term
+    (the same mismatched pairs as TRL's KTOTrainer)."""
     b = len(items)
     rows = [(x.prompt_ids, x.completion_ids) for x in items]
-    rows += [(items[i].prompt_ids, items[(i + 1) % b].completion_ids) for i in range(b)]
+    rows += [(items[i].prompt_ids, items[(i - 1) % b].completion_ids) for i in range(b)]
     out = pad_rows(rows, pad_id)
     out["labels"] = torch.tensor([x.label for x in items], dtype=torch.bool)
     return out
