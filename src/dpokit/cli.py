@@ -36,6 +36,7 @@ SHORT = {
     "--precision": "precision",
     "--seed": "train.seed",
     "--save-steps": "train.save_steps",
+    "--skip-bad-records": "data.skip_bad_records",
 }
 
 
@@ -55,9 +56,11 @@ def _add_config_args(p: argparse.ArgumentParser, stage_defaults: dict[str, Any])
         default = stage_defaults.get(key, get_key(defaults, key))
         names = [f"--{key}"] + ([short_for[key]] if key in short_for else [])
         is_list = isinstance(get_key(defaults, key), list)
+        is_bool = isinstance(get_key(defaults, key), bool)
         choices = meta.get("choices")
-        grp.add_argument(
-            *names, dest=key, default=argparse.SUPPRESS, nargs="+" if is_list else None,
+        grp.add_argument(  # a bool flag alone means true: --skip-bad-records
+            *names, dest=key, default=argparse.SUPPRESS, nargs="+" if is_list else ("?" if is_bool else None),
+            const="true" if is_bool else None,
             metavar="V" if not choices else "{" + ",".join(choices) + "}",
             help=f"{meta.get('help', '')} (default: {default!r})",
         )
@@ -108,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="(default: 0)")
 
     sub.add_parser("losses", help="list the preference losses with their papers and options")
+
+    data = sub.add_parser("data", help="data tools", allow_abbrev=False)
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    check = dsub.add_parser("check", help="the data doctor: validate every record and summarize what is wrong",
+                            allow_abbrev=False)
+    check.add_argument("files", nargs="+", help="data files, save_to_disk folders or hub ids")
+    check.add_argument("--model", help="tokenizer to measure token lengths and truncation with")
+    check.add_argument("--max-length", type=int, default=1024, help="(default: 1024)")
+    check.add_argument("--max-prompt-length", type=int, default=512, help="(default: 512)")
+    check.add_argument("--split", default="train", help="(default: train)")
+    check.add_argument("--write-clean", metavar="OUT.jsonl", help="write the usable records here (inputs untouched)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -172,6 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "data":
+        return _data_check(args)
     if args.command == "losses":
         from dpokit.losses import LOSSES
 
@@ -185,6 +202,19 @@ def _dispatch(args: argparse.Namespace) -> int:
               "mixtures (loss.name=a,b with loss.weights); ranked data: loss.ranked=all_pairs|plackett_luce")
         return 0
     raise AssertionError(args.command)
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every record is usable, 1 when any is not."""
+    import json
+
+    from dpokit.data.check import check_files
+    from dpokit.models import load_tokenizer
+
+    tok = load_tokenizer(args.model) if args.model else None
+    report = check_files(args.files, args.split, tok, args.max_length, args.max_prompt_length, args.write_clean)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.render())
+    return 1 if report.unusable else 0
 
 
 def _generate(args: argparse.Namespace) -> int:

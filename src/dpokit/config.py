@@ -49,6 +49,9 @@ class DataConfig:
     split: str = _f("train", "split to read from a hub id or a DatasetDict folder")
     max_length: int = _f(1024, "maximum tokens of prompt + completion")
     max_prompt_length: int = _f(512, "prompt budget when a pair exceeds max_length")
+    skip_bad_records: bool = _f(
+        False, "skip unusable records (counted by kind in data_report.json) instead of stopping at the first"
+    )
     prompt_truncation: str = _f(
         "left", "which end of an over-long prompt to cut: left or right", choices=["left", "right"]
     )

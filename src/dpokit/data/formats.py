@@ -26,7 +26,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,48 @@ ROLES = ("system", "user", "assistant", "tool")
 
 class DataError(ValueError):
     """A record that cannot be used; the message names file, record and field."""
+
+    # message fragment -> kind, for counting errors by kind (the data doctor, skip reports)
+    KINDS = (
+        ("not valid JSON", "invalid_json"),
+        ("is missing", "missing_field"),
+        ("unknown role", "unknown_role"),
+        ("unknown schema", "unknown_schema"),
+        ("unknown SFT schema", "unknown_schema"),
+        ("empty or whitespace", "empty_response"),
+        ("are identical", "chosen_equals_rejected"),
+        ("expected", "wrong_type"),
+    )
+
+    @property
+    def kind(self) -> str:
+        text = str(self)
+        return next((kind for frag, kind in self.KINDS if frag in text), "structure")
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A record that could not even be parsed (bad JSON line); loaders raise its message."""
+
+    message: str
+
+
+@dataclass
+class SkipReport:
+    """Records skipped under data.skip_bad_records: counted by kind, first few named."""
+
+    skipped: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    first: list[str] = field(default_factory=list)
+
+    def add(self, err: DataError) -> None:
+        self.skipped += 1
+        self.by_kind[err.kind] = self.by_kind.get(err.kind, 0) + 1
+        if len(self.first) < 5:
+            self.first.append(str(err))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "by_kind": self.by_kind, "first": self.first}
 
 
 @dataclass(frozen=True)
@@ -95,9 +137,10 @@ def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"{p}:line {n}", json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{p}:line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                rec = InvalidRecord(f"{p}:line {n}: not valid JSON ({e.msg} at column {e.colno})")
+            yield f"{p}:line {n}", rec
 
 
 def _read_json(p: Path) -> Iterator[tuple[str, Any]]:
@@ -283,6 +326,8 @@ def to_preference(rec: Any, where: str) -> PreferenceExample:
             ex = _split_conversations(full(chosen), full(rejected), where)
     _nonempty(ex.chosen, where, "chosen")
     _nonempty(ex.rejected, where, "rejected")
+    if ex.chosen == ex.rejected:
+        raise DataError(f"{where}: fields 'chosen'/'rejected' are identical: the pair carries no preference")
     return ex
 
 
@@ -320,31 +365,46 @@ def to_sft(rec: Any, where: str) -> SFTExample:
     return ex
 
 
-def load_preferences(paths: list[str], split: str = "train", report: dict | None = None) -> list[PreferenceExample]:
-    """Read and normalize every record of every path; the first bad record raises DataError.
+def convert_all(paths: list[str], split: str, convert: Any, skipped: SkipReport | None = None) -> list[Any]:
+    """Apply ``convert(record, where) -> list`` to every record; the first bad record raises, unless
+    ``skipped`` is given: then bad records are skipped and counted there (data.skip_bad_records)."""
+    if not paths:
+        raise DataError("no data files given (set data.train_files or --data)")
+    out: list[Any] = []
+    for p in paths:
+        for where, rec in read_records(p, split):
+            try:
+                if isinstance(rec, InvalidRecord):
+                    raise DataError(rec.message)
+                out += convert(rec, where)
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.add(e)
+    return out
+
+
+def load_preferences(paths: list[str], split: str = "train", report: dict | None = None,
+                     skipped: SkipReport | None = None) -> list[PreferenceExample]:
+    """Read and normalize every record of every path.
 
     Ranked records (``responses`` + ``scores``/``ranks``) expand to all their ordered pairs; tied
     pairs are skipped and counted in ``report["ranked_tied_pairs_skipped"]``.
     """
-    if not paths:
-        raise DataError("no data files given (set data.train_files or --data)")
-    out: list[PreferenceExample] = []
-    for p in paths:
-        for where, rec in read_records(p, split):
-            if is_ranked(rec):
-                pairs, ties = ranked_to_pairs(to_ranked(rec, where))
-                out += pairs
-                if report is not None and ties:
-                    report["ranked_tied_pairs_skipped"] = report.get("ranked_tied_pairs_skipped", 0) + ties
-            else:
-                out.append(to_preference(rec, where))
-    return out
+
+    def convert(rec: Any, where: str) -> list[PreferenceExample]:
+        if not is_ranked(rec):
+            return [to_preference(rec, where)]
+        pairs, ties = ranked_to_pairs(to_ranked(rec, where))
+        if report is not None and ties:
+            report["ranked_tied_pairs_skipped"] = report.get("ranked_tied_pairs_skipped", 0) + ties
+        return pairs
+
+    return convert_all(paths, split, convert, skipped)
 
 
-def load_sft(paths: list[str], split: str = "train") -> list[SFTExample]:
-    if not paths:
-        raise DataError("no data files given (set data.train_files or --data)")
-    return [to_sft(rec, where) for p in paths for where, rec in read_records(p, split)]
+def load_sft(paths: list[str], split: str = "train", skipped: SkipReport | None = None) -> list[SFTExample]:
+    return convert_all(paths, split, lambda rec, where: [to_sft(rec, where)], skipped)
 
 
 # ------------------------------------------------------------------ unpaired (KTO) and ranked data
@@ -454,13 +514,9 @@ def ranked_to_pairs(ex: RankedExample) -> tuple[list[PreferenceExample], int]:
     return pairs, ties
 
 
-def load_unpaired(paths: list[str], split: str = "train") -> list[UnpairedExample]:
-    if not paths:
-        raise DataError("no data files given (set data.train_files or --data)")
-    return [u for p in paths for where, rec in read_records(p, split) for u in to_unpaired(rec, where)]
+def load_unpaired(paths: list[str], split: str = "train", skipped: SkipReport | None = None) -> list[UnpairedExample]:
+    return convert_all(paths, split, to_unpaired, skipped)
 
 
-def load_ranked(paths: list[str], split: str = "train") -> list[RankedExample]:
-    if not paths:
-        raise DataError("no data files given (set data.train_files or --data)")
-    return [to_ranked(rec, where) for p in paths for where, rec in read_records(p, split)]
+def load_ranked(paths: list[str], split: str = "train", skipped: SkipReport | None = None) -> list[RankedExample]:
+    return convert_all(paths, split, lambda rec, where: [to_ranked(rec, where)], skipped)

@@ -14,6 +14,7 @@ import torch
 
 from dpokit import __version__
 from dpokit.config import Config, save_config
+from dpokit.data.formats import SkipReport
 from dpokit.data.tokenize import TokenizeReport
 from dpokit.losses import OPTION_KEYS
 from dpokit.models import pick_device, resolve_precision
@@ -69,6 +70,23 @@ def begin(cfg: Config, resume: str | None) -> Stage:
     return Stage(cfg, run_dir, device, precision, resume_from)
 
 
+def record_skips(run_dir: Path, what: str, skipped: SkipReport | None) -> None:
+    """Log and save what data.skip_bad_records skipped (nothing is skipped silently)."""
+    if skipped is None:
+        return
+    if skipped.skipped:
+        log.warning("%s data: skipped %d unusable records %s; first: %s", what, skipped.skipped, skipped.by_kind,
+                    skipped.first[0])
+    _update_report(run_dir, f"{what}_skipped_records", skipped.to_dict())
+
+
+def _update_report(run_dir: Path, key: str, value: Any) -> None:
+    reports = run_dir / "data_report.json"
+    existing = json.loads(reports.read_text()) if reports.exists() else {}
+    existing[key] = value
+    reports.write_text(json.dumps(existing, indent=1))
+
+
 def tokenize_all(
     examples: Sequence[Any], fn: Callable[..., Any], tokenizer: Any, cfg: Config, what: str, run_dir: Path,
 ) -> tuple[list[Any], TokenizeReport]:
@@ -78,10 +96,7 @@ def tokenize_all(
               prompt_truncation=d.prompt_truncation, report=report) for ex in examples]
     kept = [x for x in out if x is not None]
     log.info("%s data: %s", what, report.summary())
-    reports = run_dir / "data_report.json"
-    existing = json.loads(reports.read_text()) if reports.exists() else {}
-    existing[what] = report.to_dict()
-    reports.write_text(json.dumps(existing, indent=1))
+    _update_report(run_dir, what, report.to_dict())
     return kept, report
 
 

@@ -22,7 +22,7 @@ import torch
 
 from dpokit.config import Config, ConfigError, LossConfig
 from dpokit.data.collate import collate_pairs, pad_rows
-from dpokit.data.formats import load_preferences, load_ranked, load_unpaired
+from dpokit.data.formats import SkipReport, load_preferences, load_ranked, load_unpaired
 from dpokit.data.tokenize import (
     TokenizedRanked,
     TokenizedUnpaired,
@@ -311,15 +311,18 @@ def evaluate(model: torch.nn.Module, recipe: Recipe, items: Sequence[Any], batch
 def _load_items(cfg: Config, loss: ResolvedLoss, files: list[str], tokenizer: Any, what: str,
                 run_dir: Path) -> list[Any]:
     split = cfg.data.split
+    skipped = SkipReport() if cfg.data.skip_bad_records else None
     if not loss.paired:
-        return common.tokenize_all(load_unpaired(files, split), tokenize_unpaired, tokenizer, cfg, what, run_dir)[0]
-    if loss.plackett_luce:
-        return common.tokenize_all(load_ranked(files, split), tokenize_ranked, tokenizer, cfg, what, run_dir)[0]
-    notes: dict[str, int] = {}
-    examples = load_preferences(files, split, report=notes)
-    if notes:
-        log.info("%s data: %s", what, notes)
-    return common.tokenize_all(examples, tokenize_pair, tokenizer, cfg, what, run_dir)[0]
+        examples, fn = load_unpaired(files, split, skipped), tokenize_unpaired
+    elif loss.plackett_luce:
+        examples, fn = load_ranked(files, split, skipped), tokenize_ranked
+    else:
+        notes: dict[str, int] = {}
+        examples, fn = load_preferences(files, split, report=notes, skipped=skipped), tokenize_pair
+        if notes:
+            log.info("%s data: %s", what, notes)
+    common.record_skips(run_dir, what, skipped)
+    return common.tokenize_all(examples, fn, tokenizer, cfg, what, run_dir)[0]
 
 
 def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenizer: Any = None) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 from dpokit.config import Config, ConfigError, LossConfig
 from dpokit.data.collate import collate_sft
-from dpokit.data.formats import load_sft
+from dpokit.data.formats import SkipReport, load_sft
 from dpokit.data.tokenize import tokenize_sft
 from dpokit.logprobs import sequence_logps
 from dpokit.models import load_model, load_tokenizer
@@ -57,7 +57,9 @@ def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer
     refuse_dpo_options(cfg)
     stage = common.begin(cfg, resume)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    examples = load_sft(cfg.data.train_files, cfg.data.split)
+    skipped = SkipReport() if cfg.data.skip_bad_records else None
+    examples = load_sft(cfg.data.train_files, cfg.data.split, skipped)
+    common.record_skips(stage.run_dir, "train", skipped)
     items, _ = common.tokenize_all(examples, tokenize_sft, tokenizer, cfg, "train", stage.run_dir)
     model = model if model is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model.to(stage.device)

@@ -1,0 +1,192 @@
+"""The data doctor: ``dpokit data check FILE... [--model M]``.
+
+Reads every record (never stopping at the first problem), detects its schema, validates it with
+the same converters training uses (so the messages are the same), and reports: records read,
+usable, errors by kind with their first locations, exact duplicates; with a tokenizer, token
+lengths of prompt/chosen/rejected and what ``max_length``/``max_prompt_length`` would do
+(pairs truncated, pairs whose chosen and rejected become identical). ``write_clean`` writes the
+usable records to a new file; the inputs are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpokit.data.formats import (
+    DataError,
+    InvalidRecord,
+    is_hh,
+    is_ranked,
+    read_records,
+    to_preference,
+    to_ranked,
+    to_sft,
+    to_unpaired,
+)
+from dpokit.data.tokenize import TokenizeReport, tokenize_group
+
+FIRST = 3  # locations shown per kind
+
+
+def detect_schema(rec: Any) -> str:
+    """A short name for the record's schema (for the summary; validation decides usability)."""
+    if isinstance(rec, InvalidRecord):
+        return "invalid"
+    if not isinstance(rec, dict):
+        return "not-an-object"
+    if is_ranked(rec):
+        return "ranked"
+    if "chosen" in rec or "rejected" in rec:  # a preference record, complete or not (validation names what is missing)
+        if "prompt" in rec:
+            conv = any(isinstance(rec.get(k), list) for k in ("prompt", "chosen", "rejected"))
+            return "preference-conversational" if conv else "preference"
+        if is_hh(rec.get("chosen")):
+            return "anthropic-hh"
+        return "preference-implicit-conversation" if isinstance(rec.get("chosen"), list) else "preference-implicit"
+    if "label" in rec and "completion" in rec:
+        return "unpaired"
+    if "messages" in rec:
+        return "sft-messages"
+    if "prompt" in rec and "completion" in rec:
+        return "sft"
+    return "unknown"
+
+
+def _validate(rec: Any, where: str, schema: str) -> Any:
+    if isinstance(rec, InvalidRecord):
+        raise DataError(rec.message)
+    if schema == "ranked":
+        return to_ranked(rec, where)
+    if schema == "unpaired":
+        return to_unpaired(rec, where)[0]
+    if schema in ("sft", "sft-messages"):
+        return to_sft(rec, where)
+    if schema in ("unknown", "not-an-object"):
+        fields = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise DataError(f"{where}: unknown schema with fields {fields}: expected prompt/chosen/rejected, "
+                        "chosen/rejected, prompt/completion(/label), messages, or responses with scores/ranks")
+    return to_preference(rec, where)
+
+
+def _percentiles(xs: list[int]) -> dict[str, int]:
+    if not xs:
+        return {}
+    s = sorted(xs)
+
+    def q(p: float) -> int:
+        return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1]}
+
+
+@dataclass
+class CheckReport:
+    files: list[str]
+    records: int = 0
+    usable: int = 0
+    schemas: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, list[str]] = field(default_factory=dict)
+    duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+    tokens: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unusable(self) -> int:
+        return self.records - self.usable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("files", "records", "usable", "unusable", "schemas", "errors",
+                                               "error_examples", "duplicates", "duplicate_examples", "tokens")}
+
+    def render(self) -> str:
+        lines = [f"checked {self.records} records in {len(self.files)} file(s): {self.usable} usable, "
+                 f"{self.unusable} unusable"]
+        if self.schemas:
+            lines.append("schemas: " + ", ".join(f"{k} {v}" for k, v in sorted(self.schemas.items())))
+        for kind, n in sorted(self.errors.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {kind}: {n}")
+            lines += [f"    {e}" for e in self.error_examples[kind]]
+        if self.duplicates:
+            lines.append(f"exact duplicates: {self.duplicates} (usable, but counted twice in training)")
+            lines += [f"    {d}" for d in self.duplicate_examples]
+        t = self.tokens
+        if t:
+            for part in ("prompt", "chosen", "rejected"):
+                if t.get(part):
+                    p = t[part]
+                    lines.append(f"tokens {part:<8} p50 {p['p50']:>5}  p90 {p['p90']:>5}  p99 {p['p99']:>5}  "
+                                 f"max {p['max']:>5}")
+            lines.append(f"with max_length={t['max_length']}, max_prompt_length={t['max_prompt_length']}: "
+                         f"{t['prompt_truncated']} prompts and {t['completion_truncated']} pairs' completions "
+                         f"truncated; {t['identical_after_truncation']} pairs become identical "
+                         "(their differing part is cut)")
+        lines.append("OK: every record is usable" if not self.unusable else
+                     "NOT OK: fix or drop the records above (--write-clean OUT writes the usable ones)")
+        return "\n".join(lines)
+
+
+def check_files(
+    paths: Sequence[str], split: str = "train", tokenizer: Any = None, max_length: int = 1024,
+    max_prompt_length: int = 512, write_clean: str | None = None,
+) -> CheckReport:
+    report = CheckReport(files=list(paths))
+    seen: dict[str, str] = {}
+    clean: list[Any] = []
+    lengths: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    trunc = TokenizeReport()
+    identical = 0
+    if write_clean is not None:
+        target = Path(write_clean).resolve()
+        if any(Path(p).exists() and Path(p).resolve() == target for p in paths):
+            raise DataError(f"--write-clean {write_clean}: refusing to overwrite an input file")
+    for path in paths:
+        for where, rec in read_records(path, split):
+            report.records += 1
+            schema = detect_schema(rec)
+            report.schemas[schema] = report.schemas.get(schema, 0) + 1
+            try:
+                ex = _validate(rec, where, schema)
+            except DataError as e:
+                report.errors[e.kind] = report.errors.get(e.kind, 0) + 1
+                shown = report.error_examples.setdefault(e.kind, [])
+                if len(shown) < FIRST:
+                    shown.append(str(e))
+                continue
+            report.usable += 1
+            clean.append(rec)
+            key = json.dumps(rec, sort_keys=True, default=str)
+            if key in seen:
+                report.duplicates += 1
+                if len(report.duplicate_examples) < FIRST:
+                    report.duplicate_examples.append(f"{where} repeats {seen[key]}")
+            else:
+                seen[key] = where
+            if tokenizer is not None and hasattr(ex, "chosen"):
+                full = TokenizeReport()
+                p_ids, (c_ids, r_ids) = tokenize_group(tokenizer, ex.prompt, [ex.chosen, ex.rejected],
+                                                       max_length=10**9, max_prompt_length=10**9 - 1,
+                                                       prompt_truncation="left", report=full)
+                lengths["prompt"].append(len(p_ids))
+                lengths["chosen"].append(len(c_ids))
+                lengths["rejected"].append(len(r_ids))
+                _, (c_t, r_t) = tokenize_group(tokenizer, ex.prompt, [ex.chosen, ex.rejected],
+                                               max_length=max_length, max_prompt_length=max_prompt_length,
+                                               prompt_truncation="left", report=trunc)
+                identical += c_t == r_t
+    if tokenizer is not None:
+        report.tokens = {k: _percentiles(v) for k, v in lengths.items()}
+        report.tokens.update(max_length=max_length, max_prompt_length=max_prompt_length,
+                             prompt_truncated=trunc.prompt_truncated, completion_truncated=trunc.completion_truncated,
+                             identical_after_truncation=identical)
+    if write_clean is not None:
+        out = Path(write_clean)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in clean))
+        os.replace(tmp, out)
+    return report
