@@ -117,7 +117,7 @@ def test_any_jsonl_file_loads_or_names_its_line(tmp_path_factory, lines):
     path.write_text("\n".join(line.replace("\n", " ") for line in lines) + "\n")
     report = check_files([str(path)])
     # nothing silent: every non-blank line is a record, usable or counted as an error
-    assert report.records == sum(1 for line in lines if line.replace("\n", " ").strip())
+    assert report.records == sum(1 for line in lines if line.replace("\n", " ").strip())  # split on \n only
     assert report.usable + sum(report.errors.values()) == report.records
     for where, _ in read_records(str(path)):
         assert where.startswith(f"{path}:line ")

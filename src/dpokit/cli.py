@@ -17,6 +17,7 @@ from typing import Any
 from dpokit import __version__
 from dpokit.config import Config as _Config
 from dpokit.config import ConfigError, all_keys, field_meta, get_key, load_config, parse_override, set_key
+from dpokit.train.loop import NonFiniteError, TrainingInterrupted
 
 log = logging.getLogger("dpokit")
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
@@ -157,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dpokit: config error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        run = e.checkpoint.parent.parent
+        print(f"dpokit: {e}.\nResume with: dpokit {args.command} --config {run / 'config.yaml'} --resume",
+              file=sys.stderr)
+        return 128 + e.signum
+    except NonFiniteError as e:
+        print(f"dpokit: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         from dpokit.data.formats import DataError
         from dpokit.models import ModelLoadError

@@ -75,6 +75,7 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints kept on disk (the newest)")
     log_steps: int = _f(1, "write a metrics.jsonl line every N steps (averaged over them)")
     seed: int = _f(42, "seed for data order, initialisation and sampling")
+    max_nonfinite: int = _f(3, "updates with a NaN/inf loss or gradient skipped (and counted) before the run stops")
     logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
     displacement_nats: float = _f(
         1.0, "warn when the chosen log-prob falls this far below the reference's while margins grow (0: off)"
@@ -340,4 +341,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from dpokit.safety import redact
+
+    Path(path).write_text(redact(yaml.safe_dump(to_dict(cfg), sort_keys=False)))

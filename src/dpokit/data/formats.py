@@ -41,6 +41,7 @@ class DataError(ValueError):
     # message fragment -> kind, for counting errors by kind (the data doctor, skip reports)
     KINDS = (
         ("not valid JSON", "invalid_json"),
+        ("not valid UTF-8", "invalid_json"),
         ("is missing", "missing_field"),
         ("unknown role", "unknown_role"),
         ("unknown schema", "unknown_schema"),
@@ -132,8 +133,14 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    """Lines are split on '\n' only (a stray '\r' inside a string is data, not a line break)."""
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{p}:line {n}", InvalidRecord(f"{p}:line {n}: not valid UTF-8 (byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:

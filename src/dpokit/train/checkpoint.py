@@ -61,7 +61,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+    sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "file_sizes": sizes}, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -72,11 +73,23 @@ def save_checkpoint(
 
 
 def _valid(path: Path) -> bool:
+    """Complete and undamaged: the marker parses and every file has the size recorded when it was written."""
     try:
-        json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        state = json.loads((path / STATE_FILE).read_text())
+        sizes = state["file_sizes"]
+        return all((path / name).stat().st_size == size for name, size in sizes.items()) and all(
+            name in sizes for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"))
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((path / f).is_file() for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"))
+
+
+def remove_stale_temporaries(ckpt_root: Path) -> None:
+    """Leftovers of a checkpoint write that was killed: never valid, removed (and named) at start-up."""
+    if not ckpt_root.is_dir():
+        return
+    for tmp in ckpt_root.glob(".step-*.tmp-*"):
+        log.warning("removing %s: a checkpoint write that never finished", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

@@ -18,6 +18,7 @@ from dpokit.data.formats import SkipReport
 from dpokit.data.tokenize import TokenizeReport
 from dpokit.losses import OPTION_KEYS
 from dpokit.models import pick_device, resolve_precision
+from dpokit.safety import RedactFilter, redact
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.loop import append_metrics, seed_everything
 
@@ -30,6 +31,8 @@ def setup_logging(run_dir: Path | None = None) -> None:
     logger = logging.getLogger("dpokit")
     logger.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(f, RedactFilter) for f in logger.filters):
+        logger.addFilter(RedactFilter())
     if not any(getattr(h, "_dpokit", None) == "console" for h in logger.handlers):
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(fmt)
@@ -134,6 +137,6 @@ def _loss_options(cfg: Config) -> str:
 
 
 def finish(stage: Stage, model: Any, tokenizer: Any, card: str) -> Path:
-    out = ckpt.export_final(stage.run_dir / "final", model, tokenizer, card)
+    out = ckpt.export_final(stage.run_dir / "final", model, tokenizer, redact(card))
     log.info("final model written to %s", out)
     return out

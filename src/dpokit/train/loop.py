@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,44 @@ from dpokit.train import checkpoint as ckpt
 log = logging.getLogger("dpokit")
 
 Logs = dict[str, tuple[float, float]]  # metric name -> (sum, count)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the current step finished, a checkpoint was written; carries how to resume."""
+
+    def __init__(self, signum: int, step: int, total: int, checkpoint: Path):
+        self.signum, self.step, self.total, self.checkpoint = signum, step, total, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step}/{total}; checkpoint {checkpoint}")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """Installs SIGINT/SIGTERM handlers that only set a flag; the loop stops at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing the current step, then writing a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -140,54 +180,82 @@ def train(
     history: list[dict[str, Any]] = []
     acc: Logs = {}
     tokens = examples = 0
+    nonfinite = 0
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=recipe.name, dynamic_ncols=True, disable=None, file=sys.stderr)
     model.train()
     last: dict[str, float] = {}
-    for step in range(start, steps):
-        step_items = [items[i] for i in order.indices(step)]
-        chunks = [step_items[i : i + micro] for i in range(0, len(step_items), micro)]
-        denom = sum(recipe.units(c) for c in chunks)
-        for chunk in chunks:
-            batch = to_device(recipe.collate(chunk), device)
-            with autocast(device, precision):
-                loss, logs = recipe.compute(model, batch, denom)
-            loss.backward()
-            _add(acc, logs)
-            tokens += int(batch["attention_mask"].sum())
-            examples += len(chunk)
-        clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        _add(acc, {"grad_norm": (grad_norm, 1)})
-        current_lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+    ckpt_root = run_dir / "checkpoints"
+    ckpt.remove_stale_temporaries(ckpt_root)
 
-        if done % t.log_steps == 0 or done == steps:
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **_means(acc),
-                      "lr": current_lr, "tokens_per_s": tokens / elapsed, recipe.throughput_name: examples / elapsed}
-            if on_log is not None:
-                on_log(record)  # may annotate the record before it is written
-            history.append(record)
-            append_metrics(run_dir, record)
-            last = record
-            bar.set_postfix({k.split("/")[-1][:6]: f"{record[k]:.4g}" for k in (*recipe.postfix,
-                             recipe.throughput_name) if k in record})
-            if bar.disable:
-                log.info("step %d/%d %s", done, steps, " ".join(
-                    f"{k}={record[k]:.4g}" for k in (*recipe.postfix, recipe.throughput_name) if k in record))
-            acc, tokens, examples, t0 = {}, 0, 0, time.perf_counter()
-        bar.update(1)
-        if t.save_steps and done % t.save_steps == 0 and done < steps:
-            ckpt.save_checkpoint(run_dir / "checkpoints", done, model, optimizer, scheduler,
-                                 {"epoch": done / order.steps_per_epoch}, t.keep_last)
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                    {"epoch": step / order.steps_per_epoch, "nonfinite_skipped": nonfinite},
+                                    t.keep_last)
+
+    with _StopFlag() as stop:
+        for step in range(start, steps):
+            step_items = [items[i] for i in order.indices(step)]
+            chunks = [step_items[i : i + micro] for i in range(0, len(step_items), micro)]
+            denom = sum(recipe.units(c) for c in chunks)
+            step_logs: Logs = {}
+            finite = True
+            for chunk in chunks:
+                batch = to_device(recipe.collate(chunk), device)
+                with autocast(device, precision):
+                    loss, logs = recipe.compute(model, batch, denom)
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                loss.backward()
+                _add(step_logs, logs)
+                tokens += int(batch["attention_mask"].sum())
+                examples += len(chunk)
+            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            current_lr = scheduler.get_last_lr()[0]
+            if finite and math.isfinite(grad_norm):
+                _add(acc, step_logs)
+                _add(acc, {"grad_norm": (grad_norm, 1)})
+                optimizer.step()
+            else:  # skip the update, keep the schedule and the data position: counted, never silent
+                nonfinite += 1
+                log.warning("step %d: non-finite %s; update skipped (%d of at most %d)", step + 1,
+                            "loss" if not finite else f"gradient norm ({grad_norm})", nonfinite, t.max_nonfinite)
+                if nonfinite > t.max_nonfinite:
+                    good = ckpt.list_checkpoints(ckpt_root)
+                    raise NonFiniteError(
+                        f"{nonfinite} updates had a NaN/inf loss or gradient (train.max_nonfinite={t.max_nonfinite}); "
+                        f"stopped at step {step + 1}. Last good checkpoint: {good[-1] if good else 'none'} "
+                        "(weights there are from finite updates only). Lower train.lr or check the data.")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+
+            if done % t.log_steps == 0 or done == steps:
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **_means(acc),
+                          "lr": current_lr, "tokens_per_s": tokens / elapsed,
+                          recipe.throughput_name: examples / elapsed}
+                if nonfinite:
+                    record["nonfinite_skipped"] = nonfinite
+                if on_log is not None:
+                    on_log(record)  # may annotate the record before it is written
+                history.append(record)
+                append_metrics(run_dir, record)
+                last = record
+                shown = [k for k in (*recipe.postfix, recipe.throughput_name) if k in record]
+                bar.set_postfix({k.split("/")[-1][:6]: f"{record[k]:.4g}" for k in shown})
+                if bar.disable:
+                    log.info("step %d/%d %s", done, steps, " ".join(f"{k}={record[k]:.4g}" for k in shown))
+                acc, tokens, examples, t0 = {}, 0, 0, time.perf_counter()
+            bar.update(1)
+            if stop.signum is not None and done < steps:
+                bar.close()
+                raise TrainingInterrupted(stop.signum, done, steps, save(done))
+            if t.save_steps and done % t.save_steps == 0 and done < steps:
+                save(done)
     bar.close()
     if steps > start:
-        ckpt.save_checkpoint(run_dir / "checkpoints", steps, model, optimizer, scheduler,
-                             {"epoch": steps / order.steps_per_epoch}, t.keep_last)
+        save(steps)
     return LoopResult(steps=steps, last_metrics=last, history=history)
 
 
