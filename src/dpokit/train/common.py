@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dpokit import __version__
-from dpokit.config import Config, save_config
+from dpokit.config import Config, ConfigError, save_config
 from dpokit.data.formats import SkipReport
 from dpokit.data.tokenize import TokenizeReport
 from dpokit.losses import OPTION_KEYS
@@ -60,7 +60,16 @@ class Stage:
     resume_from: Path | None
 
 
+def refuse_noop_split(cfg: Config) -> None:
+    """data.split selects a split of a hub id or a DatasetDict folder; on plain files it would do nothing."""
+    files = cfg.data.train_files + cfg.data.eval_files
+    if cfg.data.split != "train" and files and all(Path(f).is_file() for f in files):
+        raise ConfigError(f"data.split={cfg.data.split!r} has no effect: every data path is a plain file "
+                          "(it selects a split of a hub dataset or a save_to_disk DatasetDict folder)")
+
+
 def begin(cfg: Config, resume: str | None) -> Stage:
+    refuse_noop_split(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
