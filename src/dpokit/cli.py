@@ -113,6 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("losses", help="list the preference losses with their papers and options")
 
+    ev = sub.add_parser("eval", help="did alignment work? reward accuracy/margins, win rate, KL", allow_abbrev=False)
+    ev.add_argument("--model", required=True, help="the trained policy")
+    ev.add_argument("--ref-model", help="the reference (for implicit rewards, win rate and KL)")
+    ev.add_argument("--data", nargs="+", default=[], help="preference files: reward accuracy and margins")
+    ev.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward (default: 0.1)")
+    ev.add_argument("--prompts", help="prompts (text lines or JSONL with 'prompt'): sample, judge, KL")
+    _add_judge_args(ev)
+    ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    ev.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0: samples from the model itself)")
+    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False,
+                    help="wrap prompts as user messages in the chat template (default: off)")
+    ev.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    ev.add_argument("--out", default=None, help="directory for eval_report.json, per_example.jsonl, samples.jsonl")
+
+    pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample n per prompt, rank with a judge",
+                           allow_abbrev=False)
+    pairs.add_argument("--model", required=True, help="model to sample from (usually the reference/SFT model)")
+    pairs.add_argument("--prompts", required=True, help="prompts (text lines or JSONL with 'prompt')")
+    _add_judge_args(pairs)
+    pairs.add_argument("-n", "--num-samples", type=int, default=8, help="samples per prompt (default: 8)")
+    pairs.add_argument("--mode", choices=["best-worst", "all-pairs"], default="best-worst",
+                       help="best vs worst, or every ordered pair (default: best-worst)")
+    pairs.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: k-th best vs k-th worst, k <= this")
+    pairs.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    pairs.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
+    pairs.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="(default: off)")
+    pairs.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    pairs.add_argument("--out", required=True, help="output .jsonl")
+
     data = sub.add_parser("data", help="data tools", allow_abbrev=False)
     dsub = data.add_subparsers(dest="data_command", required=True)
     check = dsub.add_parser("check", help="the data doctor: validate every record and summarize what is wrong",
@@ -125,6 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--write-clean", metavar="OUT.jsonl", help="write the usable records here (inputs untouched)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("judge (one of)")
+    g.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function f(prompt, completion) -> float")
+    g.add_argument("--judge-rm", metavar="PATH", help="Hugging Face sequence-classification reward model")
+    g.add_argument("--judge-openai", metavar="BASE_URL",
+                   help="OpenAI-compatible endpoint (pairwise, both orders; key from $OPENAI_API_KEY)")
+    g.add_argument("--judge-model", default="gpt-4o-mini", help="model name for --judge-openai")
+
+
+def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
+    from dpokit.eval.judges import FunctionJudge, OpenAIJudge, RewardModelJudge
+
+    chosen = [x for x in (args.judge, args.judge_rm, args.judge_openai) if x]
+    if len(chosen) > 1:
+        raise ConfigError("give one judge: --judge, --judge-rm or --judge-openai")
+    if args.judge:
+        return FunctionJudge.load(args.judge), None
+    if args.judge_rm:
+        return RewardModelJudge(args.judge_rm), None
+    if args.judge_openai:
+        return None, OpenAIJudge(args.judge_openai, args.judge_model)
+    return None, None
 
 
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -168,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:
         from dpokit.data.formats import DataError
+        from dpokit.eval.judges import JudgeError
         from dpokit.models import ModelLoadError
 
-        if isinstance(e, (DataError, ModelLoadError, FileNotFoundError)):
+        if isinstance(e, (DataError, ModelLoadError, FileNotFoundError, JudgeError)):
             print(f"dpokit: error: {e}", file=sys.stderr)
             return 2
         raise
@@ -198,6 +253,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _generate(args)
     if args.command == "data":
         return _data_check(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "pairs":
+        return _pairs(args)
     if args.command == "losses":
         from dpokit.losses import LOSSES
 
@@ -211,6 +270,75 @@ def _dispatch(args: argparse.Namespace) -> int:
               "mixtures (loss.name=a,b with loss.weights); ranked data: loss.ranked=all_pairs|plackett_luce")
         return 0
     raise AssertionError(args.command)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from dpokit.eval.evaluate import generation_eval, preference_eval, read_prompts
+    from dpokit.models import freeze, load_model, load_tokenizer, pick_device, resolve_precision
+
+    if not args.data and not args.prompts:
+        raise ConfigError("nothing to evaluate: give --data (preference pairs) and/or --prompts (sampling)")
+    if args.prompts and not args.ref_model:
+        raise ConfigError("--prompts compares the policy with a reference: give --ref-model")
+    judge, pairwise = _judges(args)
+    if args.prompts and judge is None and pairwise is None:
+        raise ConfigError("--prompts needs a judge: --judge, --judge-rm or --judge-openai")
+    device = pick_device()
+    precision = resolve_precision("auto", device)
+    tok = load_tokenizer(args.model)
+    policy = freeze(load_model(args.model)).to(device)
+    reference = freeze(load_model(args.ref_model)).to(device) if args.ref_model else None
+    out = Path(args.out) if args.out else None
+    report: dict[str, Any] = {"model": args.model, "reference": args.ref_model}
+    if args.data:
+        report["preferences"] = preference_eval(policy, tok, args.data, reference=reference, beta=args.beta,
+                                                device=device, precision=precision, out=out)
+    if args.prompts:
+        prompts: list[Any] = read_prompts(args.prompts)
+        if args.chat:
+            prompts = [[{"role": "user", "content": p}] for p in prompts]
+        report["generation"] = generation_eval(
+            policy, reference, tok, prompts, judge=judge, pairwise=pairwise, n=args.num_samples,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, device=device,
+            precision=precision, out=out)
+    text = json.dumps(report, indent=1)
+    if out is not None:
+        (out / "eval_report.json").write_text(text)
+    print(text)
+    return 0
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from dpokit.eval.evaluate import make_pairs, read_prompts
+    from dpokit.models import load_model, load_tokenizer, pick_device, resolve_precision
+
+    judge, pairwise = _judges(args)
+    if judge is None:
+        raise ConfigError("dpokit pairs ranks samples with a reward judge: --judge or --judge-rm")
+    device = pick_device()
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model).to(device).eval()
+    prompts: list[Any] = read_prompts(args.prompts)
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+    records, skipped = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=args.mode,
+                                  pairs_per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed, device=device,
+                                  precision=resolve_precision("auto", device))
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, out)
+    print(f"{len(records)} pairs from {len(prompts)} prompts written to {out} "
+          f"({skipped} prompts skipped: all their samples tied)")
+    return 0
 
 
 def _data_check(args: argparse.Namespace) -> int:

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from dpokit.config import Config, save_config
+from dpokit.eval.evaluate import build_pairs
 from dpokit.eval.sampling import Sample, kl_from_logps, sample, score
+from dpokit.eval.stats import mean_stderr
 from dpokit.models import embedded_gguf_path, load_model, load_tokenizer, pick_device, resolve_precision
 from dpokit.train.common import setup_logging
 from dpokit.train.dpo import run_dpo
@@ -99,30 +101,6 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_pairs(
-    samples: list[Sample], scores: list[float], prompts: list[str], pairs_per_prompt: int
-) -> tuple[list[dict[str, Any]], int]:
-    """Rank each prompt's samples by score; pair the k-th best with the k-th worst.
-
-    Returns (records, skipped) where a prompt whose samples tie is skipped and counted.
-    """
-    by_prompt: dict[int, list[tuple[float, str]]] = {}
-    for s, sc in zip(samples, scores):
-        by_prompt.setdefault(s.prompt_index, []).append((sc, s.text))
-    records, skipped = [], 0
-    for i, items in sorted(by_prompt.items()):
-        ranked = sorted(items, key=lambda x: -x[0])
-        made = 0
-        for k in range(min(pairs_per_prompt, len(ranked) // 2)):
-            (hi, chosen), (lo, rejected) = ranked[k], ranked[-1 - k]
-            if hi > lo and chosen.strip() and rejected.strip() and chosen != rejected:
-                records.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected,
-                                "chosen_score": hi, "rejected_score": lo})
-                made += 1
-        skipped += made == 0
-    return records, skipped
-
-
 def _cached_samples(path: Path, make: Any) -> tuple[list[Sample], list[float]]:
     if path.is_file():
         rows = [json.loads(ln) for ln in path.read_text().splitlines()]
@@ -166,7 +144,7 @@ def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick:
         return s, sentiment(analyzer, [x.text for x in s])
 
     train_samples, train_scores = _cached_samples(cache / "demo" / f"train-samples-{key}.jsonl", make_train)
-    records, skipped = build_pairs(train_samples, train_scores, train_prompts, st.pairs_per_prompt)
+    records, skipped = build_pairs(train_samples, train_scores, train_prompts, "best-worst", st.pairs_per_prompt)
     pairs_path = run_dir / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     log.info("%d preference pairs (%d prompts skipped: all samples tied); mean score chosen %.3f, rejected %.3f",
@@ -222,14 +200,11 @@ def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick:
 
 
 def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+    return mean_stderr(xs)[0]
 
 
 def _stderr(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return float("nan")
-    m = _mean(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+    return mean_stderr(xs)[1]
 
 
 def _render(r: dict[str, Any], prompts: list[str], ref: list[Sample], ref_scores: list[float],
