@@ -26,6 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
+	# the real OpenAI-compatible judge server (llama-cpp-python; builds from source, several minutes once)
+	$(BIN)/python -m pip install --quiet "llama-cpp-python[server]==0.3.36"
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)

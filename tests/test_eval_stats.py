@@ -182,3 +182,26 @@ def test_openai_judge_gives_none_not_a_tie_when_it_cannot_get_an_answer():
 def test_parse_choice():
     assert parse_choice("A") == "A" and parse_choice(" b.") == "B" and parse_choice("Answer: B") == "B"
     assert parse_choice("A or B") is None and parse_choice("") is None and parse_choice(None) is None
+
+
+def test_frontier_dominance():
+    from dpokit.eval.stats import curve_at, frontier_dominance
+
+    bon = [(0.0, 0.1), (1.0, 0.5), (2.0, 0.6)]
+    assert curve_at(bon, 0.5) == pytest.approx(0.3) and curve_at(bon, 3.0) != curve_at(bon, 3.0)
+    res = frontier_dominance([("a", 0.5, 0.4), ("b", 1.5, 0.5), ("c", 5.0, 0.9)], bon)
+    assert [r["dominates"] for r in res["rows"]] == [True, False, None]
+    assert (res["wins"], res["compared"], res["beyond"]) == (1, 2, 1)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from dpokit.config import load_config
+    from dpokit.train.dpo import resolve_loss
+
+    configs = sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        resolve_loss(cfg.loss)  # loss options valid for the loss

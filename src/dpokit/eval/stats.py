@@ -77,3 +77,31 @@ def mean_stderr(xs: Sequence[float]) -> tuple[float, float]:
     if n == 1:
         return m, float("nan")
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def curve_at(points: Sequence[tuple[float, float]], x: float) -> float:
+    """A piecewise-linear curve through (x, y) points, evaluated at x; nan outside its range."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return float("nan")
+
+
+def frontier_dominance(method_points: Sequence[tuple[str, float, float]],
+                       baseline: Sequence[tuple[float, float]]) -> dict:
+    """Does each (label, kl, reward) point lie above the baseline's reward-vs-KL curve at its KL?
+
+    A point beyond the baseline's KL range has nothing to be compared with and is counted apart.
+    """
+    rows = []
+    for label, kl, reward in method_points:
+        ref = curve_at(baseline, kl)
+        rows.append({"label": label, "kl": kl, "reward": reward, "baseline_reward_at_kl": ref,
+                     "dominates": None if ref != ref else reward > ref})
+    known = [r for r in rows if r["dominates"] is not None]
+    wins = sum(r["dominates"] for r in known)
+    beyond = len(rows) - len(known)
+    summary = (f"{wins} of {len(known)} points lie above the baseline curve at equal KL"
+               + (f"; {beyond} lie beyond its largest KL (nothing to compare with)" if beyond else ""))
+    return {"rows": rows, "wins": wins, "compared": len(known), "beyond": beyond, "summary": summary}
