@@ -278,5 +278,7 @@ def test_loss_ranked_changes_the_objective():
 
 
 def test_every_config_key_is_checked():
+    import test_speed_paths  # noqa: F401  (its effect tests register their keys too)
+
     missing = set(all_keys()) - CHECKED
     assert not missing, f"config keys with no effect test: {sorted(missing)}"

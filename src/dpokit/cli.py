@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("losses", help="list the preference losses with their papers and options")
 
+    merge = sub.add_parser("merge", help="merge a LoRA run's adapters into a full model", allow_abbrev=False)
+    merge.add_argument("--model", required=True, help="a LoRA run's final/ (adapter + tokenizer)")
+    merge.add_argument("--out", required=True, help="directory for the merged full model")
+
     ev = sub.add_parser("eval", help="did alignment work? reward accuracy/margins, win rate, KL", allow_abbrev=False)
     ev.add_argument("--model", required=True, help="the trained policy")
     ev.add_argument("--ref-model", help="the reference (for implicit rewards, win rate and KL)")
@@ -255,6 +259,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _data_check(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "pairs":
         return _pairs(args)
     if args.command == "losses":
@@ -270,6 +276,26 @@ def _dispatch(args: argparse.Namespace) -> int:
               "mixtures (loss.name=a,b with loss.weights); ranked data: loss.ranked=all_pairs|plackett_luce")
         return 0
     raise AssertionError(args.command)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """Base weights + LoRA adapters -> one full model that loads without peft."""
+    from pathlib import Path
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    src = Path(args.model)
+    if not (src / "adapter_config.json").is_file():
+        raise ConfigError(f"{src}: no adapter_config.json; `dpokit merge` takes a LoRA run's final/ directory")
+    merged = AutoPeftModelForCausalLM.from_pretrained(src).merge_and_unload()
+    merged.save_pretrained(args.out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(args.out)
+    readme = src / "README.md"
+    if readme.is_file():
+        (Path(args.out) / "README.md").write_text(readme.read_text() + "\nLoRA adapters merged with `dpokit merge`.\n")
+    print(args.out)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

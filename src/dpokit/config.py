@@ -40,6 +40,11 @@ class ModelConfig:
     )
     trust_remote_code: bool = _f(False, "allow code shipped with a hub model to run (off by default)")
     device: str = _f("auto", "cpu, cuda, cuda:N, mps, or auto (cuda > mps > cpu)")
+    lora_r: int = _f(0, "LoRA rank; 0 trains all weights. With LoRA the reference is the same weights with the "
+                     "adapters switched off (no second copy)")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (with model.lora_r > 0)")
+    lora_dropout: float = _f(0.0, "LoRA dropout (with model.lora_r > 0)")
+    lora_target_modules: list[str] = _f(["all-linear"], "modules that get adapters (with model.lora_r > 0)")
 
 
 @dataclass
@@ -77,6 +82,11 @@ class TrainConfig:
     seed: int = _f(42, "seed for data order, initialisation and sampling")
     max_nonfinite: int = _f(3, "updates with a NaN/inf loss or gradient skipped (and counted) before the run stops")
     logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
+    packing: bool = _f(False, "padding-free: pack a batch's sequences into rows (no compute on padding)")
+    ref_cache: bool = _f(False, "compute reference log-probs once, cache them on disk by content hash, and free "
+                         "the reference model (paired losses)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    compile: bool = _f(False, "torch.compile the decoder (first steps slower while it compiles)")
     displacement_nats: float = _f(
         1.0, "warn when the chosen log-prob falls this far below the reference's while margins grow (0: off)"
     )
@@ -156,6 +166,15 @@ class Config:
             raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
         if lo.label_smoothing is not None and not 0 <= lo.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+        m = self.model
+        if m.lora_r < 0:
+            raise ConfigError(f"model.lora_r must be >= 0, got {m.lora_r}")
+        lora_set = m.lora_alpha != 16.0 or m.lora_dropout != 0.0 or m.lora_target_modules != ["all-linear"]
+        if not m.lora_r and lora_set:
+            raise ConfigError("model.lora_alpha/lora_dropout/lora_target_modules have no effect without "
+                              "model.lora_r > 0")
+        if not 0 <= m.lora_dropout < 1:
+            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
         if lo.rpo_alpha < 0:
             raise ConfigError(f"loss.rpo_alpha must be >= 0, got {lo.rpo_alpha}")
         if lo.weights and len(lo.weights) != len(lo.name.split(",")):

@@ -46,22 +46,40 @@ def token_logps_from_hidden(
 
 
 def sequence_logps(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-    *, chunk_tokens: int = 1024,
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
+    *, chunk_tokens: int = 1024, position_ids: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion lengths, both [N] (fp32 and long).
+    """Summed completion log-probs and completion lengths per sequence, both [N] (fp32 and long).
 
-    ``input_ids``, ``attention_mask``, ``completion_mask``: [N, T], right-padded.
-    The mean log-prob is ``sums / lengths``.
+    Padded batches: ``input_ids``, ``attention_mask``, ``completion_mask`` [N, T], one sequence a row.
+    Packed batches (``dpokit.data.collate.pack_rows``): rows hold several sequences; pass
+    ``position_ids`` and ``seq_ids`` [R, W] and ``num_seqs`` (the attention mask is built by the
+    model from the restarting positions). The mean log-prob is ``sums / lengths``.
     """
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if position_ids is not None:
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows, pos, targets = completion_targets(input_ids, completion_mask)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     tok = token_logps_from_hidden(
         hidden[rows, pos], model.get_output_embeddings(), targets, chunk_tokens=chunk_tokens, softcap=softcap
     )
-    n = input_ids.shape[0]
-    sums = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
-    lengths = torch.bincount(rows, minlength=n)
+    owner = rows if seq_ids is None else seq_ids[:, 1:][completion_mask[:, 1:].bool()]
+    n = input_ids.shape[0] if seq_ids is None else int(num_seqs if num_seqs is not None else seq_ids.max() + 1)
+    sums = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, owner, tok)
+    lengths = torch.bincount(owner, minlength=n)
     return sums, lengths
+
+
+def batch_logps(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` for a collated batch, padded or packed."""
+    if "seq_ids" in batch:
+        return sequence_logps(model, batch["input_ids"], None, batch["completion_mask"], chunk_tokens=chunk_tokens,
+                              position_ids=batch["position_ids"], seq_ids=batch["seq_ids"],
+                              num_seqs=int(batch["num_seqs"]))
+    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                          chunk_tokens=chunk_tokens)

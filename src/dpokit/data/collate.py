@@ -29,10 +29,62 @@ def pad_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_rows(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free packing: sequences first-fit-decreasing into rows no wider than the longest sequence.
+
+    Returns input_ids, position_ids (restarting at 0 for every sequence), completion_mask and
+    seq_ids (the index of the sequence each position belongs to, -1 on the few padding positions
+    left at the end of a row), all [R, W]. There is no attention_mask: the model builds a
+    block-diagonal causal mask from the restarting position_ids, so no token attends across
+    sequences, and padding at a row's end is never attended by a real token.
+    """
+    width = max(len(p) + len(c) for p, c in seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(seqs[i][0]) + len(seqs[i][1])
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(width - n)
+    out = {k: torch.full((len(rows), width), v, dtype=torch.long)
+           for k, v in (("input_ids", pad_id), ("position_ids", 0), ("completion_mask", 0), ("seq_ids", -1))}
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            p, c = seqs[i]
+            ids = p + c
+            n = len(ids)
+            out["input_ids"][r, at : at + n] = torch.tensor(ids, dtype=torch.long)
+            out["position_ids"][r, at : at + n] = torch.arange(n)
+            # a sequence's first token is never a target: it has no predecessor within its sequence
+            out["completion_mask"][r, at + max(len(p), 1) : at + n] = 1
+            out["seq_ids"][r, at : at + n] = i
+            at += n
+        if at < width:  # trailing padding continues the last positions: no new sequence boundary, never a target
+            out["position_ids"][r, at:] = out["position_ids"][r, at - 1] + 1 + torch.arange(width - at)
+    out["attention_mask"] = (out["seq_ids"] >= 0).long()  # for token counting only; not passed to the model
+    out["num_seqs"] = torch.tensor(len(seqs))
+    return out
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     rows = [(x.prompt_ids, x.chosen_ids) for x in pairs] + [(x.prompt_ids, x.rejected_ids) for x in pairs]
-    return pad_rows(rows, pad_id)
+    out = rows_to_batch(rows, pad_id, packing)
+    if pairs and pairs[0].ref_chosen is not None:
+        out["ref_logps"] = torch.tensor([x.ref_chosen for x in pairs] + [x.ref_rejected for x in pairs],
+                                        dtype=torch.float32)
+    return out
 
 
-def collate_sft(items: Sequence[TokenizedSFT], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_rows([(x.prompt_ids, x.completion_ids) for x in items], pad_id)
+def rows_to_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+    return pack_rows(rows, pad_id) if packing else pad_rows(rows, pad_id)
+
+
+def collate_sft(items: Sequence[TokenizedSFT], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
+    return rows_to_batch([(x.prompt_ids, x.completion_ids) for x in items], pad_id, packing)

@@ -112,6 +112,41 @@ def tokenize_all(
     return kept, report
 
 
+class AdaptersOff(torch.nn.Module):
+    """The LoRA policy with its adapters switched off: the reference, without a second copy of the weights."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = [policy]  # a list: not registered as a submodule (no parameters of its own)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> AdaptersOff:
+        self.training = False  # always counts as the frozen reference
+        return self
+
+
+def prepare_policy(cfg: Config, model: Any) -> Any:
+    """LoRA adapters (model.lora_r), gradient checkpointing and torch.compile, as configured."""
+    t, m = cfg.train, cfg.model
+    if m.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = m.lora_target_modules
+        targets = "all-linear" if targets == ["all-linear"] else targets
+        model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA r=%d: %d trainable parameters", m.lora_r, trainable)
+    if t.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if m.lora_r:
+            model.enable_input_require_grads()
+    if t.compile:
+        model.get_decoder().compile()
+    return model
+
+
 def model_card(cfg: Config, stage: str, base: str, metrics: dict[str, float], extra: str = "") -> str:
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     data = ", ".join(cfg.data.train_files) or "(none)"

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from dpokit import refcache
 from dpokit.config import Config, ConfigError, LossConfig
-from dpokit.data.collate import collate_pairs, pad_rows
+from dpokit.data.collate import collate_pairs, rows_to_batch
 from dpokit.data.formats import SkipReport, load_preferences, load_ranked, load_unpaired
 from dpokit.data.tokenize import (
     TokenizedRanked,
@@ -30,7 +31,7 @@ from dpokit.data.tokenize import (
     tokenize_ranked,
     tokenize_unpaired,
 )
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import batch_logps
 from dpokit.losses import OPTION_KEYS, LossSpec, get_loss, kto_loss, plackett_luce_loss
 from dpokit.models import autocast, freeze, load_model, load_tokenizer
 from dpokit.train import common
@@ -131,8 +132,12 @@ def pair_metrics(
 
 
 def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                          chunk_tokens=chunk)
+    """Every log-prob forward of the stage goes through here (policy, frozen reference, adapters-off reference)."""
+    if isinstance(model, common.AdaptersOff):
+        policy = model.policy[0]
+        with policy.disable_adapter():
+            return batch_logps(policy, batch, chunk)
+    return batch_logps(model, batch, chunk)
 
 
 def paired_losses(
@@ -166,7 +171,9 @@ def paired_recipe(cfg: Config, loss: ResolvedLoss, reference: torch.nn.Module | 
 
     def compute(model: torch.nn.Module, batch: dict[str, torch.Tensor], denom: int) -> tuple[torch.Tensor, Logs]:
         sums, lengths = _logps(model, batch, chunk)
-        if reference is not None:
+        if "ref_logps" in batch:  # from the on-disk cache
+            ref_sums = batch["ref_logps"]
+        elif reference is not None:
             with torch.no_grad():
                 ref_sums, _ = _logps(reference, batch, chunk)
         else:  # reference-free: log pi_ref = 0 (uniform)
@@ -178,7 +185,8 @@ def paired_recipe(cfg: Config, loss: ResolvedLoss, reference: torch.nn.Module | 
         logs["logratio/chosen"] = (float((pc - ref_sums.chunk(2)[0]).detach().sum()), n)
         return losses.sum() / denom, logs
 
-    return Recipe(name="dpo", collate=lambda items: collate_pairs(items, pad_id), units=len, compute=compute,
+    packing = cfg.train.packing
+    return Recipe(name="dpo", collate=lambda items: collate_pairs(items, pad_id, packing), units=len, compute=compute,
                   throughput_name="pairs_per_s", postfix=("loss", "rewards/margins", "rewards/accuracies"))
 
 
@@ -188,13 +196,13 @@ def dpo_recipe(cfg: Config, reference: torch.nn.Module | None, pad_id: int) -> R
 
 
 # ---------------------------------------------------------------------------------- unpaired
-def collate_unpaired(items: Sequence[TokenizedUnpaired], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_unpaired(items: Sequence[TokenizedUnpaired], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     """Rows 0..B-1: (prompt_i, completion_i); rows B..2B-1: (prompt_i, completion_{(i-1) mod B}) for the KL term
     (the same mismatched pairs as TRL's KTOTrainer)."""
     b = len(items)
     rows = [(x.prompt_ids, x.completion_ids) for x in items]
     rows += [(items[i].prompt_ids, items[(i - 1) % b].completion_ids) for i in range(b)]
-    out = pad_rows(rows, pad_id)
+    out = rows_to_batch(rows, pad_id, packing)
     out["labels"] = torch.tensor([x.label for x in items], dtype=torch.bool)
     return out
 
@@ -227,14 +235,16 @@ def kto_recipe(cfg: Config, loss: ResolvedLoss, reference: torch.nn.Module | Non
             logs["logps/rejected"] = (float(pol.detach()[bad].sum()), int(bad.sum()))
         return losses.sum() / denom, logs
 
-    return Recipe(name="kto", collate=lambda items: collate_unpaired(items, pad_id), units=len, compute=compute,
+    packing = cfg.train.packing
+    return Recipe(name="kto", collate=lambda items: collate_unpaired(items, pad_id, packing), units=len,
+                  compute=compute,
                   throughput_name="examples_per_s", postfix=("loss", "kl"))
 
 
 # ------------------------------------------------------------------------------------ ranked
-def collate_ranked(items: Sequence[TokenizedRanked], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_ranked(items: Sequence[TokenizedRanked], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
     rows = [(x.prompt_ids, c) for x in items for c in x.completion_ids]
-    out = pad_rows(rows, pad_id)
+    out = rows_to_batch(rows, pad_id, packing)
     out["group_sizes"] = torch.tensor([len(x.completion_ids) for x in items])
     return out
 
@@ -257,7 +267,9 @@ def plackett_luce_recipe(cfg: Config, loss: ResolvedLoss, reference: torch.nn.Mo
         del logs["logps/chosen"], logs["logps/rejected"]
         return lt.sum() / denom, logs
 
-    return Recipe(name="dpo-pl", collate=lambda items: collate_ranked(items, pad_id), units=len, compute=compute,
+    packing = cfg.train.packing
+    return Recipe(name="dpo-pl", collate=lambda items: collate_ranked(items, pad_id, packing), units=len,
+                  compute=compute,
                   throughput_name="groups_per_s", postfix=("loss", "rewards/margins"))
 
 
@@ -325,11 +337,21 @@ def _load_items(cfg: Config, loss: ResolvedLoss, files: list[str], tokenizer: An
     return common.tokenize_all(examples, fn, tokenizer, cfg, what, run_dir)[0]
 
 
-def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenizer: Any = None) -> Path:
-    """Train with DPO (or any registered loss); returns the ``final/`` directory."""
+def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenizer: Any = None,
+            on_log: Any = None, export: bool = True) -> Path:
+    """Train with DPO (or any registered loss); returns the ``final/`` directory.
+
+    ``on_log(record)`` sees every metrics record; ``export=False`` skips writing ``final/`` (benchmarks).
+    """
     loss = resolve_loss(cfg.loss)  # refuse options the loss would ignore, before loading anything
     if not loss.paired and cfg.train.batch_size // cfg.train.grad_accum < 2:
         raise ConfigError("kto estimates its KL baseline inside each micro-batch: batch_size / grad_accum must be >= 2")
+    if cfg.train.ref_cache and not refcache.usable(loss):
+        raise ConfigError("train.ref_cache applies to paired losses with a reference; "
+                          f"loss '{cfg.loss.name}' (ranked={cfg.loss.ranked}) has none to cache")
+    if cfg.train.ref_cache and cfg.model.lora_r:
+        raise ConfigError("train.ref_cache with LoRA: the reference is the adapters-off policy already, "
+                          "there is no copy to free")
     stage = common.begin(cfg, resume)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     items = _load_items(cfg, loss, cfg.data.train_files, tokenizer, "train", stage.run_dir)
@@ -338,28 +360,48 @@ def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenize
 
     policy = policy if policy is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
     policy.to(stage.device)
-    reference = None
+    reference: Any = None
     if loss.reference:
         if cfg.model.ref_name_or_path:
-            reference = load_model(cfg.model.ref_name_or_path, cfg.model.trust_remote_code)
-        else:
-            reference = copy.deepcopy(policy)
-        reference = freeze(reference).to(stage.device)
+            reference = freeze(load_model(cfg.model.ref_name_or_path, cfg.model.trust_remote_code)).to(stage.device)
+        elif not cfg.model.lora_r:
+            reference = freeze(copy.deepcopy(policy))
     elif cfg.model.ref_name_or_path:
         raise ConfigError(f"model.ref_name_or_path is set but loss '{cfg.loss.name}' runs no reference")
+    if cfg.train.ref_cache:
+        cached = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.train.batch_size, device=stage.device,
+                      precision=stage.precision, packing=cfg.train.packing, chunk_tokens=cfg.train.logit_chunk_tokens)
+        fingerprint = refcache.model_fingerprint(reference)
+        items = refcache.attach(items, reference, refcache.default_dir(), model_hash=fingerprint, **cached)
+        if eval_items:
+            eval_items = refcache.attach(eval_items, reference, refcache.default_dir(), model_hash=fingerprint,
+                                         **cached)
+        reference = None  # the cache replaces it: only the policy stays in memory
+    policy = common.prepare_policy(cfg, policy)
+    if loss.reference and cfg.model.lora_r and not cfg.model.ref_name_or_path:
+        reference = common.AdaptersOff(policy)
 
     make = paired_recipe if loss.paired and not loss.plackett_luce else (
         kto_recipe if not loss.paired else plackett_luce_recipe)
     recipe = make(cfg, loss, reference, tokenizer.pad_token_id)
     lr = cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR
     watch = DisplacementWatch(cfg.train.displacement_nats, loss.beta) if loss.reference and loss.paired else None
+
+    def logged(record: dict[str, Any]) -> None:
+        if watch is not None:
+            watch(record)
+        if on_log is not None:
+            on_log(record)
+
     result = train(cfg, policy, recipe, items, stage.run_dir, stage.device, stage.precision, lr,
-                   resume_from=stage.resume_from, on_log=watch)
+                   resume_from=stage.resume_from, on_log=logged)
     metrics = dict(result.last_metrics)
     if eval_items:
         ev = evaluate(policy, recipe, eval_items, cfg.train.batch_size, stage.device, stage.precision)
         common.append_metrics(stage.run_dir, {"step": result.steps, **ev})
         log.info("eval: %s", " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
         metrics.update(ev)
+    if not export:
+        return stage.run_dir
     card = common.model_card(cfg, "dpo", cfg.model.name_or_path, metrics)
     return common.finish(stage, policy, tokenizer, card)

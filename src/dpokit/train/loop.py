@@ -233,7 +233,7 @@ def train(
             if done % t.log_steps == 0 or done == steps:
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 record = {"step": done, "epoch": round(done / order.steps_per_epoch, 4), **_means(acc),
-                          "lr": current_lr, "tokens_per_s": tokens / elapsed,
+                          "lr": current_lr, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                           recipe.throughput_name: examples / elapsed}
                 if nonfinite:
                     record["nonfinite_skipped"] = nonfinite

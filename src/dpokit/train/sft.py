@@ -16,7 +16,7 @@ from dpokit.config import Config, ConfigError, LossConfig
 from dpokit.data.collate import collate_sft
 from dpokit.data.formats import SkipReport, load_sft
 from dpokit.data.tokenize import tokenize_sft
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import batch_logps
 from dpokit.models import load_model, load_tokenizer
 from dpokit.train import common
 from dpokit.train.loop import Logs, Recipe, train
@@ -28,15 +28,14 @@ def sft_recipe(cfg: Config, pad_id: int) -> Recipe:
     chunk = cfg.train.logit_chunk_tokens
 
     def compute(model: torch.nn.Module, batch: dict[str, torch.Tensor], denom: int) -> tuple[torch.Tensor, Logs]:
-        sums, lengths = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["completion_mask"], chunk_tokens=chunk)
+        sums, lengths = batch_logps(model, batch, chunk)
         nll = -sums.sum()
         n_tokens = int(lengths.sum())
         return nll / denom, {"loss": (float(nll.detach()), n_tokens),
                              "logps/completion": (float(sums.detach().sum()), len(lengths))}
 
     return Recipe(
-        name="sft", collate=lambda items: collate_sft(items, pad_id),
+        name="sft", collate=lambda items: collate_sft(items, pad_id, cfg.train.packing),
         units=lambda items: sum(len(x.completion_ids) for x in items), compute=compute,
         throughput_name="examples_per_s", postfix=("loss",),
     )
@@ -51,6 +50,8 @@ def refuse_dpo_options(cfg: Config) -> None:
             raise ConfigError(f"loss.{f.name}={value!r} has no effect on `dpokit sft` (no preference loss)")
     if cfg.model.ref_name_or_path:
         raise ConfigError("model.ref_name_or_path has no effect on `dpokit sft` (no reference)")
+    if cfg.train.ref_cache:
+        raise ConfigError("train.ref_cache has no effect on `dpokit sft` (no reference)")
 
 
 def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None) -> Path:
@@ -63,6 +64,7 @@ def run_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer
     items, _ = common.tokenize_all(examples, tokenize_sft, tokenizer, cfg, "train", stage.run_dir)
     model = model if model is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model.to(stage.device)
+    model = common.prepare_policy(cfg, model)
     lr = cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR
     result = train(cfg, model, sft_recipe(cfg, tokenizer.pad_token_id), items, stage.run_dir, stage.device,
                    stage.precision, lr, resume_from=stage.resume_from)

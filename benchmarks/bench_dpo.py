@@ -1,0 +1,262 @@
+"""dpokit vs TRL's DPOTrainer: one DPO step on the same model, data, batch, max length and precision.
+
+    python benchmarks/bench_dpo.py                         # SmolLM2-135M, fp32 and bf16, batch 4, max length 512
+    python benchmarks/bench_dpo.py --precision bf16 --steps 4
+    python benchmarks/bench_dpo.py --model tiny --steps 2  # a seconds-long smoke run on a random tiny model
+
+Each configuration runs in its own subprocess (clean peak resident memory), on the same seeded
+synthetic pairs with a realistic spread of prompt and response lengths. Configurations:
+
+* dpokit        the plain path (one concatenated forward, completion-only LM head)
+* dpokit-fast   + padding-free packing and the on-disk reference log-prob cache
+* trl-default   TRL 1.16 DPOTrainer at its defaults (gradient checkpointing on, reference model in memory)
+* trl-tuned     TRL without gradient checkpointing and with precomputed reference log-probs
+
+Prints one JSON object: per configuration pairs/s, tokens/s (non-pad tokens through the policy),
+peak RSS, step-1 loss, setup seconds; the ratios dpokit/TRL; and dpokit's achieved FLOP/s against a
+matmul peak measured here. Step 1 is a warm-up and is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the film story actor scene music camera light dark quiet loud fast slow city river night morning "
+         "house friend family war love fear hope time world voice face hand road dream memory winter summer "
+         "stranger letter island train window garden secret promise journey storm silence laughter").split()
+
+CONFIGS = ("dpokit", "dpokit-fast", "trl-default", "trl-tuned")
+
+
+def make_pairs(n: int, seed: int, max_length: int) -> list[dict]:
+    """Prompts of 24-240 words and responses of 8-200 words (about 1.2 tokens a word), seeded."""
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    rows = []
+    for _ in range(n):
+        p = rng.randint(24, min(240, max_length // 3))
+        room = max(16, (max_length - int(p * 1.3)) // 2)
+        rows.append({"prompt": text(p), "chosen": " " + text(rng.randint(8, min(200, room))),
+                     "rejected": " " + text(rng.randint(8, min(200, room)))})
+    return rows
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def model_and_tokenizer(name: str):
+    import torch
+
+    from dpokit.models import load_model, load_tokenizer
+
+    if name == "tiny":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), load_tokenizer("smollm2")
+    return load_model(name), load_tokenizer(name)
+
+
+def resolve_model_dir(name: str) -> str:
+    """The embedded GGUF is converted once to a HF directory so both frameworks load the same files fast."""
+    if name in ("tiny",):
+        return name
+    if name.lower() in ("smollm2", "embedded"):
+        from dpokit.demo import cache_root, embedded_hf_dir
+
+        return str(embedded_hf_dir(cache_root(None)))
+    return name
+
+
+# ----------------------------------------------------------------------------------- workers
+def run_dpokit(args: argparse.Namespace, data: Path, fast: bool) -> dict:
+    import torch
+
+    from dpokit.config import load_config
+    from dpokit.train.dpo import run_dpo
+
+    t0 = time.perf_counter()
+    overrides = [("model.name_or_path", args.model_dir), ("data.train_files", [str(data)]),
+                 ("data.max_length", args.max_length), ("data.max_prompt_length", args.max_length // 2),
+                 ("train.batch_size", args.batch), ("train.max_steps", args.steps), ("train.lr", 1e-6),
+                 ("train.warmup_ratio", 0.0), ("precision", args.precision), ("output_dir", args.out),
+                 ("train.save_steps", 0)]
+    if fast:
+        overrides += [("train.packing", True), ("train.ref_cache", True)]
+    cfg = load_config(None, overrides)
+    times: list[float] = []
+    records: list[dict] = []
+
+    def on_step(record: dict) -> None:
+        times.append(time.perf_counter())
+        records.append(record)
+
+    policy = None
+    if args.model_dir == "tiny":
+        policy, _ = model_and_tokenizer("tiny")
+    torch.manual_seed(0)
+    run_dpo(cfg, policy=policy, tokenizer=None if args.model_dir != "tiny" else model_and_tokenizer("tiny")[1],
+            on_log=on_step, export=False)
+    return _summary(times, records, t0, tokens_key="tokens", pairs=args.batch)
+
+
+def run_trl(args: argparse.Namespace, data: Path, tuned: bool) -> dict:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    t0 = time.perf_counter()
+    policy, tok = model_and_tokenizer(args.model_dir)
+    ref = None
+    if args.model_dir == "tiny":
+        import copy
+
+        ref = copy.deepcopy(policy)
+    rows = [json.loads(ln) for ln in data.read_text().splitlines()]
+    cfg = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch, max_length=args.max_length,
+                    max_steps=args.steps, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
+                    logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                    bf16=args.precision == "bf16", gradient_checkpointing=not tuned,
+                    precompute_ref_log_probs=tuned, dataloader_num_workers=0, seed=0)
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter())
+
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[Clock()])
+    real = trainer._compute_loss
+
+    def counting(model, inputs, return_outputs):
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return real(model, inputs, return_outputs)
+
+    trainer._compute_loss = counting
+    torch.manual_seed(0)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    records = [{"loss": loss, "tokens": n} for loss, n in zip(losses, tokens)]
+    return _summary(times, records, t0, tokens_key="tokens", pairs=args.batch)
+
+
+def _summary(times: list[float], records: list[dict], t0: float, tokens_key: str, pairs: int) -> dict:
+    timed = len(times) - 1
+    elapsed = times[-1] - times[0] if timed > 0 else float("nan")
+    tok = sum(r.get(tokens_key, 0) for r in records[1:])
+    return {"pairs_per_s": pairs * timed / elapsed, "tokens_per_s": tok / elapsed if tok else None,
+            "seconds_per_step": elapsed / timed, "step1_loss": records[0]["loss"] if records else None,
+            "peak_rss_mb": peak_rss_mb(), "setup_s": times[0] - t0 if times else None, "timed_steps": timed}
+
+
+def matmul_peak(precision: str) -> float:
+    """Best FLOP/s of a 2048^3 matmul on this machine, in the run's precision."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+    return best
+
+
+def count_params(model_dir: str) -> tuple[int, int]:
+    """(parameters outside the LM head, LM-head parameters)."""
+    model, _ = model_and_tokenizer(model_dir)
+    head = model.get_output_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - (0 if model.config.tie_word_embeddings else head), head
+
+
+# ------------------------------------------------------------------------------------- parent
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per step")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps (the first is not timed)")
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        data = Path(args.data)
+        if args.worker.startswith("dpokit"):
+            res = run_dpokit(args, data, fast=args.worker == "dpokit-fast")
+        else:
+            res = run_trl(args, data, tuned=args.worker == "trl-tuned")
+        print("RESULT " + json.dumps(res))
+        return
+
+    model_dir = resolve_model_dir(args.model)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    configs = [c for c in args.configs.split(",") if c]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(args.pairs, 0, args.max_length)))
+        body, head = count_params(model_dir)
+        report: dict = {"model": args.model, "batch_pairs": args.batch, "max_length": args.max_length,
+                        "steps_timed": args.steps - 1, "cpu_threads": os.cpu_count(), "results": {}}
+        for precision in precisions:
+            res: dict = {}
+            for name in configs:
+                cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model-dir", model_dir,
+                       "--precision", precision, "--batch", str(args.batch), "--max-length", str(args.max_length),
+                       "--steps", str(args.steps), "--out", str(Path(tmp) / f"{name}-{precision}")]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                res[name] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
+                print(f"[{precision}] {name}: {res[name]}", file=sys.stderr)
+            ratios = {}
+            for ours in ("dpokit", "dpokit-fast"):
+                for theirs in ("trl-default", "trl-tuned"):
+                    a, b = res.get(ours, {}), res.get(theirs, {})
+                    if "pairs_per_s" in a and "pairs_per_s" in b:
+                        ratios[f"{ours}/{theirs}"] = {
+                            "pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
+                            "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+                            "step1_loss_diff": abs(a["step1_loss"] - b["step1_loss"]),
+                        }
+            peak = matmul_peak(precision)
+            flops = {}
+            for ours in ("dpokit", "dpokit-fast"):
+                r = res.get(ours, {})
+                if r.get("tokens_per_s"):
+                    # policy forward+backward 6N per token, reference forward 2N (none with the cache);
+                    # the LM head counted for completion tokens only is left out: this is a lower bound
+                    per_token = (6 if ours == "dpokit-fast" else 8) * body
+                    flops[ours] = {"achieved_flops": per_token * r["tokens_per_s"],
+                                   "fraction_of_matmul_peak": per_token * r["tokens_per_s"] / peak}
+            report["results"][precision] = {"configs": res, "ratios": ratios, "matmul_peak_flops": peak,
+                                            "dpokit_flops": flops}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
