@@ -182,10 +182,12 @@ def matmul_peak(precision: str) -> float:
 
 
 def count_params(model_dir: str) -> tuple[int, int]:
-    """(parameters outside the LM head, LM-head parameters)."""
+    """(non-embedding parameters: the matmuls every token goes through, LM-head parameters)."""
     model, _ = model_and_tokenizer(model_dir)
     head = model.get_output_embeddings().weight.numel()
-    return sum(p.numel() for p in model.parameters()) - (0 if model.config.tie_word_embeddings else head), head
+    embed = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return total - embed - (0 if model.config.tie_word_embeddings else head), head
 
 
 # ------------------------------------------------------------------------------------- parent
@@ -248,8 +250,9 @@ def main() -> None:
             for ours in ("dpokit", "dpokit-fast"):
                 r = res.get(ours, {})
                 if r.get("tokens_per_s"):
-                    # policy forward+backward 6N per token, reference forward 2N (none with the cache);
-                    # the LM head counted for completion tokens only is left out: this is a lower bound
+                    # policy forward+backward 6N per token, reference forward 2N (none with the cache), N the
+                    # non-embedding parameters; the LM head (run on completion tokens only) and attention
+                    # scores are left out, so this is a lower bound on the work done
                     per_token = (6 if ours == "dpokit-fast" else 8) * body
                     flops[ours] = {"achieved_flops": per_token * r["tokens_per_s"],
                                    "fraction_of_matmul_peak": per_token * r["tokens_per_s"] / peak}
