@@ -133,3 +133,30 @@ def test_speed_options_refused_where_they_cannot_apply(tmp_path, tiny_model_dir,
         assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file), "--output-dir",
                      str(tmp_path / "r"), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+@covers("train.shared_prompt")
+def test_shared_prompt_gives_the_same_numbers(tmp_path, tiny_model_dir, pairs_file, tokenizer):
+    from dpokit.data.collate import collate_pairs
+    from dpokit.data.formats import load_preferences
+    from dpokit.data.tokenize import tokenize_pair
+
+    plain = _run(tmp_path, "plain", tiny_model_dir, pairs_file)
+    shared = _run(tmp_path, "shared", tiny_model_dir, pairs_file, "train.shared_prompt=true")
+    _close(plain, shared)
+    assert shared[0]["loss"] == plain[0]["loss"]
+    pairs = [tokenize_pair(tokenizer, e, max_length=256, max_prompt_length=128) for e in load_preferences([str(pairs_file)])]
+    sh = collate_pairs(pairs, 2, shared_prompt=True)
+    plain_tokens = int(collate_pairs(pairs, 2)["attention_mask"].sum())
+    assert int(sh["attention_mask"].sum()) == plain_tokens - sum(len(p.prompt_ids) for p in pairs)  # prompts once
+    # rejected tokens never attend to chosen ones
+    p0 = pairs[0]
+    p, c = len(p0.prompt_ids), len(p0.chosen_ids)
+    assert not sh["attention_mask_4d"][0, 0, p + c :, p : p + c].any()
+
+
+def test_packing_and_shared_prompt_are_exclusive():
+    from dpokit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(None, [("train.packing", True), ("train.shared_prompt", True)])

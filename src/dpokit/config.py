@@ -83,6 +83,8 @@ class TrainConfig:
     max_nonfinite: int = _f(3, "updates with a NaN/inf loss or gradient skipped (and counted) before the run stops")
     logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
     packing: bool = _f(False, "padding-free: pack a batch's sequences into rows (no compute on padding)")
+    shared_prompt: bool = _f(False, "compute each pair's prompt once for both responses (one row [prompt|chosen|"
+                             "rejected] with a mask that hides chosen from rejected); exclusive with packing")
     ref_cache: bool = _f(False, "compute reference log-probs once, cache them on disk by content hash, and free "
                          "the reference model (paired losses)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, ~30% slower)")
@@ -166,6 +168,8 @@ class Config:
             raise ConfigError(f"loss.beta must be > 0, got {lo.beta}")
         if lo.label_smoothing is not None and not 0 <= lo.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+        if t.packing and t.shared_prompt:
+            raise ConfigError("train.packing and train.shared_prompt are exclusive: pick one layout")
         m = self.model
         if m.lora_r < 0:
             raise ConfigError(f"model.lora_r must be >= 0, got {m.lora_r}")

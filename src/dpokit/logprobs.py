@@ -74,9 +74,24 @@ def sequence_logps(
     return sums, lengths
 
 
+def shared_prompt_logps(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs for ``shared_prompt_rows`` batches: explicit (hidden position -> target) pairs, [2B] out."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 attention_mask=batch["attention_mask_4d"], use_cache=False).last_hidden_state
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    tok = token_logps_from_hidden(hidden[batch["hid_row"], batch["hid_pos"]], model.get_output_embeddings(),
+                                  batch["targets"], chunk_tokens=chunk_tokens, softcap=softcap)
+    n, owner = int(batch["num_seqs"]), batch["owner"]
+    sums = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, owner, tok)
+    return sums, torch.bincount(owner, minlength=n)
+
+
 def batch_logps(model: Any, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logps`` for a collated batch, padded or packed."""
+    """``sequence_logps`` for a collated batch: padded, packed, or prompt-shared."""
+    if "hid_pos" in batch:
+        return shared_prompt_logps(model, batch, chunk_tokens)
     if "seq_ids" in batch:
         return sequence_logps(model, batch["input_ids"], None, batch["completion_mask"], chunk_tokens=chunk_tokens,
                               position_ids=batch["position_ids"], seq_ids=batch["seq_ids"],

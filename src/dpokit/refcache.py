@@ -50,12 +50,13 @@ def cache_key(model_hash: str, pairs: Sequence[TokenizedPair], precision: str) -
 
 @torch.no_grad()
 def compute(reference: torch.nn.Module, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int,
-            device: torch.device, precision: str, packing: bool, chunk_tokens: int) -> torch.Tensor:
+            device: torch.device, precision: str, packing: bool, chunk_tokens: int,
+            shared_prompt: bool = False) -> torch.Tensor:
     """[N, 2] summed reference log-probs (chosen, rejected), through the training code path and dtype."""
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, packing).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, packing, shared_prompt).items()}
         with autocast(device, precision):
             sums, _ = batch_logps(reference, batch, chunk_tokens)
         c, r = sums.float().cpu().chunk(2)
@@ -66,7 +67,7 @@ def compute(reference: torch.nn.Module, pairs: Sequence[TokenizedPair], pad_id: 
 def attach(
     pairs: Sequence[TokenizedPair], reference: torch.nn.Module, cache_dir: Path, *, pad_id: int, batch_size: int,
     device: torch.device, precision: str, packing: bool = False, chunk_tokens: int = 1024,
-    model_hash: str | None = None,
+    model_hash: str | None = None, shared_prompt: bool = False,
 ) -> list[TokenizedPair]:
     """The pairs with ``ref_chosen``/``ref_rejected`` filled from the cache (computed and stored on a miss)."""
     key = cache_key(model_hash or model_fingerprint(reference), pairs, precision)
@@ -75,7 +76,7 @@ def attach(
         logps = load_file(str(path))["logps"]
         log.info("reference log-probs: reusing %s (%d pairs)", path, len(pairs))
     else:
-        logps = compute(reference, pairs, pad_id, batch_size, device, precision, packing, chunk_tokens)
+        logps = compute(reference, pairs, pad_id, batch_size, device, precision, packing, chunk_tokens, shared_prompt)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         save_file({"logps": logps.contiguous()}, str(tmp))

@@ -73,9 +73,51 @@ def pack_rows(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return out
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool = False) -> dict[str, torch.Tensor]:
+def shared_prompt_rows(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, [prompt | chosen | rejected]: the prompt is computed once for both responses.
+
+    position_ids restart at len(prompt) for the rejected tokens; a 4D mask [B, 1, W, W] lets prompt
+    tokens attend causally, chosen tokens attend to the prompt and earlier chosen tokens, rejected
+    tokens to the prompt and earlier rejected tokens, never to the chosen ones. Targets are explicit
+    (hid_row, hid_pos -> target, owner): the first rejected token is predicted from the last prompt
+    position, not from the chosen token before it in the row. owner i is chosen i, B + i rejected i.
+    """
+    b = len(pairs)
+    width = max(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    real = torch.zeros((b, width), dtype=torch.long)
+    hid_row, hid_pos, target, owner = [], [], [], []
+    for i, x in enumerate(pairs):
+        p, c, r = len(x.prompt_ids), len(x.chosen_ids), len(x.rejected_ids)
+        n = p + c + r
+        ids[i, :n] = torch.tensor(x.prompt_ids + x.chosen_ids + x.rejected_ids, dtype=torch.long)
+        pos[i, : p + c] = torch.arange(p + c)
+        pos[i, p + c : n] = torch.arange(p, p + r)
+        pos[i, n:] = torch.arange(p + r, p + r + width - n)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        m = causal.clone()
+        m[p + c : n, p : p + c] = False  # rejected never sees chosen
+        m[n:, :] = False  # padding: attends to itself only (no empty softmax rows)
+        m[n:, :].diagonal(offset=n)[:] = True
+        mask[i, 0] = m
+        real[i, :n] = 1
+        for k in range(c):  # chosen token k predicted from position p + k - 1
+            hid_row.append(i), hid_pos.append(p + k - 1), target.append(x.chosen_ids[k]), owner.append(i)
+        for k in range(r):  # rejected token k from the prompt's end, then from the previous rejected token
+            hid_row.append(i), hid_pos.append(p - 1 if k == 0 else p + c + k - 1)
+            target.append(x.rejected_ids[k]), owner.append(b + i)
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return {"input_ids": ids, "position_ids": pos, "attention_mask_4d": mask, "attention_mask": real,
+            "hid_row": t(hid_row), "hid_pos": t(hid_pos), "targets": t(target), "owner": t(owner),
+            "num_seqs": torch.tensor(2 * b)}
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, packing: bool = False,
+                  shared_prompt: bool = False) -> dict[str, torch.Tensor]:
     rows = [(x.prompt_ids, x.chosen_ids) for x in pairs] + [(x.prompt_ids, x.rejected_ids) for x in pairs]
-    out = rows_to_batch(rows, pad_id, packing)
+    out = shared_prompt_rows(pairs, pad_id) if shared_prompt else rows_to_batch(rows, pad_id, packing)
     if pairs and pairs[0].ref_chosen is not None:
         out["ref_logps"] = torch.tensor([x.ref_chosen for x in pairs] + [x.ref_rejected for x in pairs],
                                         dtype=torch.float32)

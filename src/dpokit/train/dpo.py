@@ -185,8 +185,9 @@ def paired_recipe(cfg: Config, loss: ResolvedLoss, reference: torch.nn.Module | 
         logs["logratio/chosen"] = (float((pc - ref_sums.chunk(2)[0]).detach().sum()), n)
         return losses.sum() / denom, logs
 
-    packing = cfg.train.packing
-    return Recipe(name="dpo", collate=lambda items: collate_pairs(items, pad_id, packing), units=len, compute=compute,
+    packing, shared = cfg.train.packing, cfg.train.shared_prompt
+    return Recipe(name="dpo", collate=lambda items: collate_pairs(items, pad_id, packing, shared), units=len,
+                  compute=compute,
                   throughput_name="pairs_per_s", postfix=("loss", "rewards/margins", "rewards/accuracies"))
 
 
@@ -349,6 +350,8 @@ def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenize
     if cfg.train.ref_cache and not refcache.usable(loss):
         raise ConfigError("train.ref_cache applies to paired losses with a reference; "
                           f"loss '{cfg.loss.name}' (ranked={cfg.loss.ranked}) has none to cache")
+    if cfg.train.shared_prompt and not (loss.paired and not loss.plackett_luce):
+        raise ConfigError("train.shared_prompt applies to paired data (one prompt, chosen and rejected)")
     if cfg.train.ref_cache and cfg.model.lora_r:
         raise ConfigError("train.ref_cache with LoRA: the reference is the adapters-off policy already, "
                           "there is no copy to free")
@@ -370,7 +373,8 @@ def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenize
         raise ConfigError(f"model.ref_name_or_path is set but loss '{cfg.loss.name}' runs no reference")
     if cfg.train.ref_cache:
         cached = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.train.batch_size, device=stage.device,
-                      precision=stage.precision, packing=cfg.train.packing, chunk_tokens=cfg.train.logit_chunk_tokens)
+                      precision=stage.precision, packing=cfg.train.packing, chunk_tokens=cfg.train.logit_chunk_tokens,
+                      shared_prompt=cfg.train.shared_prompt)
         fingerprint = refcache.model_fingerprint(reference)
         items = refcache.attach(items, reference, refcache.default_dir(), model_hash=fingerprint, **cached)
         if eval_items:
