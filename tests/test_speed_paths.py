@@ -81,6 +81,40 @@ def test_reference_cache_key_depends_on_weights_data_and_precision(tokenizer):
     k = cache_key(ha, pairs, "fp32")
     assert k != cache_key(hb, pairs, "fp32") and k != cache_key(ha, pairs, "bf16")
     assert k != cache_key(ha, [TokenizedPair([1, 2], [3], [5])], "fp32")
+    assert k != cache_key(ha, pairs, "fp32", layout="other batches")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cached_reference_keeps_step_zero_exact(tmp_path, tiny_model_dir, pairs_file, monkeypatch, precision):
+    """Computed over the first epoch's own micro-batches, the cache cancels the policy to the bit at step 0."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    for extra in ([], ["train.packing=true"], ["train.shared_prompt=true"]):
+        rows = _run(tmp_path, f"{precision}{len(extra)}{extra}", tiny_model_dir, pairs_file, "train.ref_cache=true",
+                    f"precision={precision}", "train.grad_accum=2", *extra)
+        assert rows[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7) and rows[0]["rewards/margins"] == 0.0
+
+
+@covers("train.logit_chunk_tokens")
+def test_logit_memory_is_bounded_by_the_chunk(tiny_model):
+    """Nothing the backward pass keeps is as large as the full [completion tokens, vocab] logits."""
+    from dpokit.logprobs import sequence_logps
+
+    ids = torch.randint(3, 1000, (4, 40))
+    comp = torch.zeros_like(ids)
+    comp[:, 8:] = 1  # 4 x 32 = 128 completion positions
+    vocab = tiny_model.config.vocab_size
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    tiny_model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sums, _ = sequence_logps(tiny_model, ids, torch.ones_like(ids), comp, chunk_tokens=16)
+    sums.sum().backward()
+    assert max(saved) < 16 * vocab + 1  # at most one chunk of logits, never 128 x vocab
+    assert all(p.grad is not None for p in tiny_model.parameters() if p.requires_grad)
 
 
 @covers("train.gradient_checkpointing")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def completion_targets(
@@ -30,18 +31,30 @@ def completion_targets(
     return rows, pos, input_ids[:, 1:][mask]
 
 
+def _chunk_logps(lm_head: torch.nn.Module, h: torch.Tensor, tgt: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = lm_head(h).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps_from_hidden(
     hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, *,
     chunk_tokens: int = 1024, softcap: float | None = None,
 ) -> torch.Tensor:
-    """log p(target | hidden) for M hidden states [M, H] and targets [M] -> [M] in fp32."""
+    """log p(target | hidden) for M hidden states [M, H] and targets [M] -> [M] in fp32.
+
+    With gradients on, each chunk's logits are recomputed in the backward pass instead of being
+    kept for it, so logit memory stays at one chunk [chunk_tokens, vocab] through the whole step.
+    """
     out = []
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = lm_head(hidden[start : start + chunk_tokens]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        tgt = targets[start : start + chunk_tokens]
-        out.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+        h, tgt = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if recompute:
+            out.append(checkpoint(_chunk_logps, lm_head, h, tgt, softcap, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(lm_head, h, tgt, softcap))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 

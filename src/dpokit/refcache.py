@@ -5,9 +5,11 @@ shape, dtype and bytes) and config, the token ids of every pair, and the precisi
 them and the key changes; the same run again, another epoch, or another run on the same data and
 reference reuses the file. The reference model can then be freed: training holds only the policy.
 
-Numerics: cached values come from batches composed differently from the training batches, so at
-step 0 the rewards are zero only up to float noise (about 1e-6 in fp32), not exactly; without the
-cache policy and reference share every batch and the step-0 rewards are exactly 0.
+Numerics: the values are computed over exactly the micro-batches of the first epoch (same
+members, same layout, same code path and dtype as the policy's forward), so at step 0 the rewards
+are exactly 0 and the loss exactly ln 2, in bf16 too. (Computed over other batches, bf16 noise does
+not cancel: a peer that precomputes this way starts 0.02 away from ln 2 in bf16.) The batch layout
+is part of the key.
 """
 
 from __future__ import annotations
@@ -41,42 +43,46 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_hash: str, pairs: Sequence[TokenizedPair], precision: str) -> str:
-    h = hashlib.sha256(f"{model_hash}|{precision}|v1".encode())
+def cache_key(model_hash: str, pairs: Sequence[TokenizedPair], precision: str, layout: str = "") -> str:
+    h = hashlib.sha256(f"{model_hash}|{precision}|{layout}|v2".encode())
     for p in pairs:
         h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return h.hexdigest()[:32]
 
 
 @torch.no_grad()
-def compute(reference: torch.nn.Module, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int,
-            device: torch.device, precision: str, packing: bool, chunk_tokens: int,
+def compute(reference: torch.nn.Module, pairs: Sequence[TokenizedPair], batches: Sequence[Sequence[int]],
+            pad_id: int, device: torch.device, precision: str, packing: bool, chunk_tokens: int,
             shared_prompt: bool = False) -> torch.Tensor:
-    """[N, 2] summed reference log-probs (chosen, rejected), through the training code path and dtype."""
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
+    """[N, 2] summed reference log-probs (chosen, rejected), through the training code path and dtype,
+    over the given micro-batches (lists of pair indices covering every pair)."""
+    out = torch.full((len(pairs), 2), float("nan"))
+    for idx in batches:
+        chunk = [pairs[i] for i in idx]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, packing, shared_prompt).items()}
         with autocast(device, precision):
             sums, _ = batch_logps(reference, batch, chunk_tokens)
         c, r = sums.float().cpu().chunk(2)
-        out.append(torch.stack([c, r], dim=1))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+        out[list(idx)] = torch.stack([c, r], dim=1)
+    if torch.isnan(out).any():
+        raise ValueError("reference cache: the batches do not cover every pair")
+    return out
 
 
 def attach(
-    pairs: Sequence[TokenizedPair], reference: torch.nn.Module, cache_dir: Path, *, pad_id: int, batch_size: int,
-    device: torch.device, precision: str, packing: bool = False, chunk_tokens: int = 1024,
-    model_hash: str | None = None, shared_prompt: bool = False,
+    pairs: Sequence[TokenizedPair], reference: torch.nn.Module, cache_dir: Path, *,
+    batches: Sequence[Sequence[int]], pad_id: int, device: torch.device, precision: str, packing: bool = False,
+    chunk_tokens: int = 1024, model_hash: str | None = None, shared_prompt: bool = False,
 ) -> list[TokenizedPair]:
     """The pairs with ``ref_chosen``/``ref_rejected`` filled from the cache (computed and stored on a miss)."""
-    key = cache_key(model_hash or model_fingerprint(reference), pairs, precision)
+    layout = json.dumps({"batches": [list(b) for b in batches], "packing": packing, "shared": shared_prompt})
+    key = cache_key(model_hash or model_fingerprint(reference), pairs, precision, layout)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
         logps = load_file(str(path))["logps"]
         log.info("reference log-probs: reusing %s (%d pairs)", path, len(pairs))
     else:
-        logps = compute(reference, pairs, pad_id, batch_size, device, precision, packing, chunk_tokens, shared_prompt)
+        logps = compute(reference, pairs, batches, pad_id, device, precision, packing, chunk_tokens, shared_prompt)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         save_file({"logps": logps.contiguous()}, str(tmp))

@@ -35,7 +35,7 @@ from dpokit.logprobs import batch_logps
 from dpokit.losses import OPTION_KEYS, LossSpec, get_loss, kto_loss, plackett_luce_loss
 from dpokit.models import autocast, freeze, load_model, load_tokenizer
 from dpokit.train import common
-from dpokit.train.loop import Logs, Recipe, to_device, train
+from dpokit.train.loop import Logs, Recipe, StepOrder, to_device, train
 
 log = logging.getLogger("dpokit")
 
@@ -338,6 +338,17 @@ def _load_items(cfg: Config, loss: ResolvedLoss, files: list[str], tokenizer: An
     return common.tokenize_all(examples, fn, tokenizer, cfg, what, run_dir)[0]
 
 
+def first_epoch_batches(cfg: Config, n: int) -> list[list[int]]:
+    """The micro-batches (item indices) of the first epoch, exactly as the loop will form them."""
+    order = StepOrder(n, cfg.train.batch_size, cfg.train.seed)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    out = []
+    for step in range(order.steps_per_epoch):
+        idx = order.indices(step)
+        out += [idx[i : i + micro] for i in range(0, len(idx), micro)]
+    return out
+
+
 def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenizer: Any = None,
             on_log: Any = None, export: bool = True) -> Path:
     """Train with DPO (or any registered loss); returns the ``final/`` directory.
@@ -372,14 +383,17 @@ def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenize
     elif cfg.model.ref_name_or_path:
         raise ConfigError(f"model.ref_name_or_path is set but loss '{cfg.loss.name}' runs no reference")
     if cfg.train.ref_cache:
-        cached = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.train.batch_size, device=stage.device,
-                      precision=stage.precision, packing=cfg.train.packing, chunk_tokens=cfg.train.logit_chunk_tokens,
+        cached = dict(pad_id=tokenizer.pad_token_id, device=stage.device, precision=stage.precision,
+                      packing=cfg.train.packing, chunk_tokens=cfg.train.logit_chunk_tokens,
                       shared_prompt=cfg.train.shared_prompt)
         fingerprint = refcache.model_fingerprint(reference)
-        items = refcache.attach(items, reference, refcache.default_dir(), model_hash=fingerprint, **cached)
+        items = refcache.attach(items, reference, refcache.default_dir(), model_hash=fingerprint,
+                                batches=first_epoch_batches(cfg, len(items)), **cached)
         if eval_items:
+            bs = cfg.train.batch_size
+            eval_batches = [list(range(i, min(i + bs, len(eval_items)))) for i in range(0, len(eval_items), bs)]
             eval_items = refcache.attach(eval_items, reference, refcache.default_dir(), model_hash=fingerprint,
-                                         **cached)
+                                         batches=eval_batches, **cached)
         reference = None  # the cache replaces it: only the policy stays in memory
     policy = common.prepare_policy(cfg, policy)
     if loss.reference and cfg.model.lora_r and not cfg.model.ref_name_or_path:
