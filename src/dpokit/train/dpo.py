@@ -378,6 +378,8 @@ def run_dpo(cfg: Config, resume: str | None = None, policy: Any = None, tokenize
     if loss.reference:
         if cfg.model.ref_name_or_path:
             reference = freeze(load_model(cfg.model.ref_name_or_path, cfg.model.trust_remote_code)).to(stage.device)
+        elif cfg.train.ref_cache:
+            reference = policy  # before any update the policy is the reference: fill the cache from it, no copy
         elif not cfg.model.lora_r:
             reference = freeze(copy.deepcopy(policy))
     elif cfg.model.ref_name_or_path:
