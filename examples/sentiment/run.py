@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from dpokit.config import Config
-from dpokit.demo import N_TRAIN_PROMPTS, _cached_samples, _key, bundled_prompts, cache_root, embedded_hf_dir, vader
 from dpokit.demo import sentiment as vader_scores
+from dpokit.demo import sentiment_task
 from dpokit.eval.evaluate import build_pairs, policy_kl
 from dpokit.eval.sampling import sample
 from dpokit.eval.stats import bon_kl_bound, expected_best_of_n, frontier_dominance, mean_stderr
-from dpokit.models import load_model, load_tokenizer, pick_device, resolve_precision
+from dpokit.models import load_model
 from dpokit.train.common import setup_logging
 from dpokit.train.dpo import run_dpo
 
@@ -78,34 +78,19 @@ def main() -> None:
     setup_logging(out)
     t0 = time.perf_counter()
 
-    cache = cache_root(args.cache_dir)
-    model_dir = embedded_hf_dir(cache)
-    device = pick_device()
-    precision = resolve_precision("auto", device)
-    tok = load_tokenizer(str(model_dir))
-    reference = load_model(str(model_dir)).to(device).eval()
-    analyzer = vader()
-    prompts = bundled_prompts()
-    train_prompts = prompts[: plan.train_prompts]
-    eval_prompts = prompts[N_TRAIN_PROMPTS : N_TRAIN_PROMPTS + plan.eval_prompts]
-    gen = {"max_new_tokens": plan.max_new_tokens, "temperature": 1.0, "device": device, "precision": precision}
+    task = sentiment_task(args.cache_dir, plan.train_prompts, plan.eval_prompts, plan.max_new_tokens)
+    tok, reference, device, precision = task.tokenizer, task.reference, task.device, task.precision
+    train_prompts, eval_prompts, gen = task.train_prompts, task.eval_prompts, task.gen
 
     # on-policy pairs (shared by every variant), cached
-    key = _key(model_dir.name, train_prompts, plan.samples_per_prompt, plan.max_new_tokens, args.seed, precision)
-    samples, scores = _cached_samples(
-        cache / "demo" / f"train-samples-{key}.jsonl",
-        lambda: _scored(sample(reference, tok, train_prompts, n=plan.samples_per_prompt, seed=args.seed, **gen),
-                        analyzer))
+    samples, scores = task.reference_samples(train_prompts, plan.samples_per_prompt, args.seed, "train-samples")
     records, skipped = build_pairs(samples, scores, train_prompts, "best-worst", plan.pairs_per_prompt)
     pairs_path = out / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     # Best-of-N from the reference on the held-out prompts
     eval_seed = args.seed + 1
-    bkey = _key(model_dir.name, eval_prompts, plan.bon_samples, plan.max_new_tokens, eval_seed, precision)
-    ref_samples, ref_scores = _cached_samples(
-        cache / "demo" / f"bon-ref-{bkey}.jsonl",
-        lambda: _scored(sample(reference, tok, eval_prompts, n=plan.bon_samples, seed=eval_seed, **gen), analyzer))
+    ref_samples, ref_scores = task.reference_samples(eval_prompts, plan.bon_samples, eval_seed, "bon-ref")
     by_prompt: dict[int, list[float]] = {}
     for s, sc in zip(ref_samples, ref_scores):
         by_prompt.setdefault(s.prompt_index, []).append(sc)
@@ -120,7 +105,7 @@ def main() -> None:
     for loss, beta in plan.variants:
         name = f"{loss}-beta{beta}"
         cfg = Config()
-        cfg.model.name_or_path = str(model_dir)
+        cfg.model.name_or_path = str(task.model_dir)
         cfg.data.train_files = [str(pairs_path)]
         cfg.data.max_length, cfg.data.max_prompt_length = 128, 64
         cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.seed = 8, plan.epochs, plan.lr, args.seed
@@ -129,7 +114,7 @@ def main() -> None:
         final = run_dpo(cfg, tokenizer=tok)
         policy = load_model(str(final)).to(device).eval()
         pol = sample(policy, tok, eval_prompts, n=plan.eval_samples, seed=eval_seed, **gen)
-        rewards = vader_scores(analyzer, [s.text for s in pol])
+        rewards = vader_scores(task.analyzer, [s.text for s in pol])
         kl = policy_kl(policy, reference, pol, tok.pad_token_id, device, precision)
         m, se = mean_stderr(rewards)
         points.append({"method": loss, "label": f"{'DPO' if loss == 'sigmoid' else loss.upper()} beta={beta}",
@@ -146,10 +131,6 @@ def main() -> None:
     plot(points, out / "frontier.png", "quick" if args.quick else "full")
     print(table(points))
     print(f"\n{verdict['summary']}\nwall time {result['seconds']:.0f} s; results in {out}")
-
-
-def _scored(samples, analyzer):
-    return samples, vader_scores(analyzer, [s.text for s in samples])
 
 
 def dominance(points: list[dict]) -> dict:

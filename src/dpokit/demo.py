@@ -115,6 +115,48 @@ def _cached_samples(path: Path, make: Any) -> tuple[list[Sample], list[float]]:
     return samples, scores
 
 
+@dataclass
+class SentimentTask:
+    """The controlled-sentiment task: embedded reference, VADER, the bundled prompts split in two."""
+
+    cache: Path
+    model_dir: Path
+    device: torch.device
+    precision: str
+    tokenizer: Any
+    reference: Any
+    analyzer: Any
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    gen: dict[str, Any]
+
+    def reference_samples(self, prompts: list[str], n: int, seed: int, name: str) -> tuple[list[Sample], list[float]]:
+        """n scored samples per prompt from the reference, cached under a key of what they depend on."""
+        key = _key(self.model_dir.name, prompts, n, self.gen["max_new_tokens"], seed, self.precision)
+
+        def make() -> tuple[list[Sample], list[float]]:
+            log.info("sampling %d x %d continuations from the reference", len(prompts), n)
+            s = sample(self.reference, self.tokenizer, prompts, n=n, seed=seed, **self.gen)
+            return s, sentiment(self.analyzer, [x.text for x in s])
+
+        return _cached_samples(self.cache / "demo" / f"{name}-{key}.jsonl", make)
+
+
+def sentiment_task(cache_dir: str | None, train_prompts: int, eval_prompts: int, max_new_tokens: int) -> SentimentTask:
+    cache = cache_root(cache_dir)
+    model_dir = embedded_hf_dir(cache)
+    device = pick_device()
+    precision = resolve_precision("auto", device)
+    prompts = bundled_prompts()
+    return SentimentTask(
+        cache=cache, model_dir=model_dir, device=device, precision=precision,
+        tokenizer=load_tokenizer(str(model_dir)), reference=load_model(str(model_dir)).to(device).eval(),
+        analyzer=vader(), train_prompts=prompts[:train_prompts],
+        eval_prompts=prompts[N_TRAIN_PROMPTS : N_TRAIN_PROMPTS + eval_prompts],
+        gen={"max_new_tokens": max_new_tokens, "temperature": 1.0, "device": device, "precision": precision},
+    )
+
+
 def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick: bool = False,
              seed: int = 0) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -122,28 +164,13 @@ def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick:
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     st = DemoSettings.quick() if quick else DemoSettings()
-    cache = cache_root(cache_dir)
-    model_dir = embedded_hf_dir(cache)
-    device = pick_device()
-    precision = resolve_precision("auto", device)
     torch.manual_seed(seed)
-    tok = load_tokenizer(str(model_dir))
-    reference = load_model(str(model_dir)).to(device).eval()
-    analyzer = vader()
-    prompts = bundled_prompts()
-    train_prompts = prompts[: st.train_prompts]
-    eval_prompts = prompts[N_TRAIN_PROMPTS : N_TRAIN_PROMPTS + st.eval_prompts]
-    gen = {"max_new_tokens": st.max_new_tokens, "temperature": 1.0, "device": device, "precision": precision}
+    task = sentiment_task(cache_dir, st.train_prompts, st.eval_prompts, st.max_new_tokens)
+    tok, reference, device, precision = task.tokenizer, task.reference, task.device, task.precision
+    train_prompts, eval_prompts, gen = task.train_prompts, task.eval_prompts, task.gen
 
     # 1. on-policy pairs from the reference, ranked by VADER
-    key = _key(model_dir.name, train_prompts, st.samples_per_prompt, st.max_new_tokens, seed, precision)
-
-    def make_train() -> tuple[list[Sample], list[float]]:
-        log.info("sampling %d x %d continuations from the reference", len(train_prompts), st.samples_per_prompt)
-        s = sample(reference, tok, train_prompts, n=st.samples_per_prompt, seed=seed, **gen)
-        return s, sentiment(analyzer, [x.text for x in s])
-
-    train_samples, train_scores = _cached_samples(cache / "demo" / f"train-samples-{key}.jsonl", make_train)
+    train_samples, train_scores = task.reference_samples(train_prompts, st.samples_per_prompt, seed, "train-samples")
     records, skipped = build_pairs(train_samples, train_scores, train_prompts, "best-worst", st.pairs_per_prompt)
     pairs_path = run_dir / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -153,7 +180,7 @@ def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick:
 
     # 2. DPO through the ordinary path
     cfg = Config()
-    cfg.model.name_or_path = str(model_dir)
+    cfg.model.name_or_path = str(task.model_dir)
     cfg.data.train_files = [str(pairs_path)]
     cfg.data.max_length, cfg.data.max_prompt_length = 128, 64
     cfg.train.batch_size, cfg.train.epochs, cfg.train.lr = st.batch_size, st.epochs, st.lr
@@ -165,15 +192,9 @@ def run_demo(output_dir: str = "runs/demo", cache_dir: str | None = None, quick:
 
     # 3. held-out: sentiment before/after, KL from policy samples
     eval_seed = seed + 1
-    ekey = _key(model_dir.name, eval_prompts, st.eval_samples_per_prompt, st.max_new_tokens, eval_seed, precision)
-
-    def make_ref_eval() -> tuple[list[Sample], list[float]]:
-        s = sample(reference, tok, eval_prompts, n=st.eval_samples_per_prompt, seed=eval_seed, **gen)
-        return s, sentiment(analyzer, [x.text for x in s])
-
-    ref_samples, ref_scores = _cached_samples(cache / "demo" / f"eval-ref-{ekey}.jsonl", make_ref_eval)
+    ref_samples, ref_scores = task.reference_samples(eval_prompts, st.eval_samples_per_prompt, eval_seed, "eval-ref")
     pol_samples = sample(policy, tok, eval_prompts, n=st.eval_samples_per_prompt, seed=eval_seed, **gen)
-    pol_scores = sentiment(analyzer, [x.text for x in pol_samples])
+    pol_scores = sentiment(task.analyzer, [x.text for x in pol_samples])
     pad = tok.pad_token_id
     lp_pol = score(policy, pol_samples, pad_id=pad, device=device, precision=precision)
     lp_ref = score(reference, pol_samples, pad_id=pad, device=device, precision=precision)
