@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from dpokit.config import ConfigError, all_keys, field_meta, get_key, load_confi
 
 log = logging.getLogger("dpokit")
 DEFAULTS = _Config()
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # disk full, read-only, denied
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 
 SHORT = {
@@ -50,6 +52,9 @@ def _add_config_args(p: argparse.ArgumentParser, stage_defaults: dict[str, Any])
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="resume from the newest complete checkpoint of --output-dir, or from CKPT; 'auto': the "
                    "newest if there is one, else start (for torchrun --max-restarts)")
+    g.add_argument("--extend", action="store_true",
+                   help="with --resume: continue a run to a new length (train.max_steps/epochs), the learning-rate "
+                   "schedule rebuilt for it")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the previous run in --output-dir (only what a dpokit run writes there is removed)")
     g.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train.lr=1e-5")
@@ -293,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (DataError, ModelLoadError, FileNotFoundError, JudgeError)):
             say(f"dpokit: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # the machine's, not a bug: say where and what
+            say(f"dpokit: error: {e.filename or 'writing'}: {e.strerror}", file=sys.stderr)
+            return 1
         raise
     finally:
         from dpokit import distributed
@@ -306,7 +314,7 @@ def _train(args: argparse.Namespace) -> int:
         from dpokit.train.sft import run_sft as run
     else:
         from dpokit.train.dpo import run_dpo as run
-    out = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    out = run(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend)
     if int(os.environ.get("RANK", "0")) == 0:
         print(out)
     return 0

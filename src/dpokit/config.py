@@ -23,6 +23,9 @@ from dpokit.errors import ConfigError
 __all__ = ["Config", "ConfigError", "load_config", "save_config"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # every float setting enters fp32 arithmetic
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors and aliases: a config never needs them, and expanding nested aliases ('billion
     laughs') is how a small file becomes gigabytes."""
@@ -133,6 +136,8 @@ class TrainConfig:
     fsdp_bf16_params: bool = _f(False, "FSDP2 mixed precision: bf16 parameters in forward and backward, fp32 "
                                 "gradient reduction and master weights (train.distributed=fsdp)")
     dist_timeout: float = _f(1800.0, "seconds a collective may wait for the other ranks before the run fails")
+    final_dtype: str = _f("fp32", "dtype of the weights written to final/: fp32 (the trained weights as they are) "
+                          "or bf16 (half the disk)", choices=["fp32", "bf16"])
     displacement_nats: float = _f(
         1.0, "warn when the chosen log-prob falls this far below the reference's while margins grow (0: off)"
     )
@@ -405,6 +410,8 @@ def coerce_scalar(key: str, base: type, value: Any) -> Any:
             number = float(value)
             if not math.isfinite(number):
                 raise ConfigError(f"{key}={short(value)}: must be a finite number")
+            if abs(number) > FLOAT32_MAX:
+                raise ConfigError(f"{key}={short(value)}: too large for fp32 arithmetic (|x| <= {FLOAT32_MAX:.3g})")
             return number
         if base is str:
             if isinstance(value, (dict, list)):
@@ -510,6 +517,6 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path, header: str = "") -> None:
     """``cfg`` as YAML (every key), after ``header`` comment lines."""
-    from dpokit.safety import redact
+    from dpokit.safety import redact, redact_values
 
-    Path(path).write_text(redact(header + yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    Path(path).write_text(redact(header) + yaml.safe_dump(redact_values(to_dict(cfg)), sort_keys=False))

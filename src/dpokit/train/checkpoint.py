@@ -138,8 +138,8 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / "rng.pt")
         files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "format": FORMAT, "kind": kind,
-                                                  "files": files}, indent=1))
+        body = {**state, "step": step, "format": FORMAT, "kind": kind, "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps({**body, "checksum": _state_checksum(body)}, indent=1))
         _fsync_tree(tmp)
         final = ckpt_root / f"step-{step}"
         if final.exists():
@@ -159,6 +159,11 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _state_checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of state.json's own content (every field but this one), so a changed step or file list is caught."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _state(path: Path) -> dict[str, Any] | None:
     try:
         state = json.loads((path / STATE_FILE).read_text())
@@ -174,6 +179,8 @@ def verify(path: Path, checksums: bool = True) -> str | None:
         return "no readable state.json (incomplete write)"
     if state.get("format") != FORMAT:
         return f"written by another dpokit version (format {state.get('format')!r}, this one reads {FORMAT})"
+    if state.get("checksum") != _state_checksum({k: v for k, v in state.items() if k != "checksum"}):
+        return f"{STATE_FILE}: checksum mismatch (the file changed after it was written)"
     files = state.get("files")
     if not isinstance(files, dict) or not files:
         return "state.json lists no files"
@@ -285,19 +292,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
-def export_final(out: Path, model: Any, tokenizer: Any, card: str, place: Dist = ONE) -> Path:
-    """``final/``: loads with AutoModelForCausalLM.from_pretrained; tokenizer, chat template, model card.
+def export_final(out: Path, model: Any, tokenizer: Any, card: str, place: Dist = ONE, dtype: str = "fp32") -> Path:
+    """``final/``: loads with AutoModelForCausalLM.from_pretrained; tokenizer, chat template, model card; weights in
+    ``dtype`` (fp32 or bf16).
 
     Under FSDP2 the full state dict is gathered first (every rank takes part; offloaded to CPU on rank 0), then
     rank 0 writes it; ``save_pretrained`` is never called on a sharded model's own tensors.
     """
     full = None
-    if place.engine == "fsdp":
+    if place.engine == "fsdp" or dtype == "bf16":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         for name in _tied_names(model):  # written once, under the first name, as save_pretrained does
             full.pop(name, None)
+        if dtype == "bf16":
+            full = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in full.items()}
 
     def write() -> Path:
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -307,6 +317,12 @@ def export_final(out: Path, model: Any, tokenizer: Any, card: str, place: Dist =
             model.save_pretrained(tmp, state_dict=full)
         else:
             model.save_pretrained(tmp)
+        if dtype == "bf16" and (tmp / "config.json").is_file():  # config.json says what the files hold
+            config = json.loads((tmp / "config.json").read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = "bfloat16"
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         _fsync_tree(tmp)

@@ -69,10 +69,10 @@ class DisplacementWatch:
 
 
 def build_dpo(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None,
-              overwrite: bool = False) -> Job:
+              overwrite: bool = False, extend: bool = False) -> Job:
     """Everything a preference run needs, ready for ``dpokit.train.loop.fit``; ``model``/``tokenizer`` replace
     loading ``model.name_or_path`` (benchmarks, tests)."""
-    session = open_session(cfg, resume, "dpo", overwrite)
+    session = open_session(cfg, resume, "dpo", overwrite, extend)
     place, t = session.dist, cfg.train
     loss = resolve_loss(cfg.loss)
     kind = data_kind(loss)
@@ -115,6 +115,6 @@ def build_dpo(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
                eval_items=eval_items, observers=observers)
 
 
-def run_dpo(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+def run_dpo(cfg: Config, resume: str | None = None, overwrite: bool = False, extend: bool = False) -> Path:
     """Train with DPO (or any registered loss); returns the ``final/`` directory."""
-    return run_stage(build_dpo, cfg, resume, overwrite)
+    return run_stage(build_dpo, cfg, resume, overwrite, extend)

@@ -13,6 +13,7 @@ until a line is logged (one transfer per logged line, not one per micro-batch).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from dpokit.models import autocast
 from dpokit.progress import Progress
 from dpokit.resolved import card_facts
 from dpokit.train import checkpoint as ckpt
+from dpokit.train import resume
 from dpokit.train.recipes import Logs, Recipe
 from dpokit.train.rundir import (
     RunLog,
@@ -275,9 +277,15 @@ def _fit(job: Job) -> LoopResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, t.warmup_ratio, t.scheduler))
     metrics_path = run_dir / "metrics.jsonl"
     start = num_tokens = 0  # num_tokens: every sequence token trained on since step 0 (TRL's num_tokens)
+    deps = resume.depends_on(cfg, items)  # recorded in every checkpoint, checked on resume
     if s.resume_from is not None:
+        saved = json.loads((s.resume_from / ckpt.STATE_FILE).read_text())
+        rebuild = resume.check_resume(saved.get("depends_on"), deps, int(saved["step"]), steps, s.extend)
         state = ckpt.load_checkpoint(s.resume_from, model, optimizer, scheduler, place)
         start, num_tokens = int(state["step"]), int(state.get("num_tokens", 0))
+        if rebuild:  # --extend: the schedule of the new length, from the resumed step on
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_lambda(steps, t.warmup_ratio, t.scheduler), last_epoch=start - 1)
         if place.main:
             truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", s.resume_from, start)
@@ -300,7 +308,8 @@ def _fit(job: Job) -> LoopResult:
     def save(step: int) -> Path:
         return ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
                                     {"epoch": step / order.steps_per_epoch, "nonfinite_skipped": nonfinite,
-                                     "world_size": place.world, "engine": place.engine, "num_tokens": num_tokens},
+                                     "world_size": place.world, "engine": place.engine, "num_tokens": num_tokens,
+                                     "depends_on": deps},
                                     t.keep_last, place)
 
     with _StopFlag() as stop, Progress(recipe.name, total=steps, unit="step", initial=start, every=None,
@@ -442,11 +451,12 @@ def run(job: Job) -> Path:
     return finish(job, fit(job))
 
 
-def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None, overwrite: bool = False,
+              extend: bool = False) -> Path:
     """Build a stage's Job and run it; a run that fails before its first step leaves no directory it made."""
     try:
         try:
-            job = build(cfg, resume, overwrite=overwrite)
+            job = build(cfg, resume, overwrite=overwrite, extend=extend)
         except BaseException:
             if int(os.environ.get("RANK", "0")) == 0:
                 discard_unstarted(Path(cfg.output_dir))

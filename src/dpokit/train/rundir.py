@@ -34,6 +34,18 @@ from dpokit.train import checkpoint as ckpt
 log = logging.getLogger("dpokit")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (a notebook or a test harness may have replaced it since)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
     logger = logging.getLogger("dpokit")
     logger.setLevel(logging.INFO)
@@ -41,7 +53,7 @@ def setup_logging(run_dir: Path | None = None) -> None:
     if not any(isinstance(f, RedactFilter) for f in logger.filters):
         logger.addFilter(RedactFilter())
     if not any(getattr(h, "_dpokit", None) == "console" for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _Stderr()
         h.setFormatter(fmt)
         h._dpokit = "console"  # type: ignore[attr-defined]
         logger.addHandler(h)
@@ -75,6 +87,7 @@ class Session:
     resume_from: Path | None
     stage: str
     dist: Dist = distributed.ONE
+    extend: bool = False  # --extend: a resume may change the run's length (the schedule is rebuilt)
 
 
 MARKER = ".dpokit"  # in every run directory dpokit makes: {"created": true} when this run made the directory
@@ -171,7 +184,8 @@ def discard_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def open_session(cfg: Config, resume: str | None, stage: str, overwrite: bool = False) -> Session:
+def open_session(cfg: Config, resume: str | None, stage: str, overwrite: bool = False,
+                 extend: bool = False) -> Session:
     cfg.validate(stage)
     place, device = distributed.setup(cfg.train.distributed, cfg.train.dist_timeout, cfg.model.device)
     device = device or pick_device(cfg.model.device)
@@ -192,7 +206,11 @@ def open_session(cfg: Config, resume: str | None, stage: str, overwrite: bool = 
     resume_from = distributed.on_main(prepare, place)
     seed_everything(cfg.train.seed)
     log.info("run directory %s; device %s; precision %s", run_dir, device, precision)
-    return Session(cfg, run_dir, device, precision, resume_from, stage, place)
+    if extend and resume_from is None:
+        from dpokit.errors import ConfigError
+
+        raise ConfigError("--extend continues a run from a checkpoint: give --resume too")
+    return Session(cfg, run_dir, device, precision, resume_from, stage, place, extend)
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -278,11 +296,17 @@ def update_data_report(run_dir: Path, key: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- export
+def _inline(value: Any) -> str:
+    """A value from the config as one line of Markdown text: no line breaks (they could start new front-matter
+    or Markdown blocks) and no backticks (they could close the code span)."""
+    return " ".join(str(value).split()).replace("`", "'")
+
+
 def model_card(cfg: Config, stage: str, metrics: dict[str, float], extra: str = "") -> str:
-    base = cfg.model.name_or_path
-    hub_base = card_base_model(base)  # a hub id or nothing: never a local path
+    base = _inline(cfg.model.name_or_path)
+    hub_base = card_base_model(cfg.model.name_or_path)  # a hub id or nothing: never a local path
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    data = ", ".join(cfg.data.train_files) or "(none)"
+    data = ", ".join(_inline(f) for f in cfg.data.train_files) or "(none)"
     return f"""---
 library_name: transformers
 tags: [dpokit, {stage}]
@@ -291,10 +315,10 @@ tags: [dpokit, {stage}]
 
 - **Stage:** {stage}
 - **Started from:** `{base}`
-- **Reference:** `{cfg.model.ref_name_or_path or base}` {"(frozen copy of the start)" if not
+- **Reference:** `{_inline(cfg.model.ref_name_or_path or base)}` {"(frozen copy of the start)" if not
     cfg.model.ref_name_or_path else ""}
 - **Training data:** {data}
-- **Loss:** `{cfg.loss.name}`, beta = {cfg.loss.beta}{_loss_options(cfg)}
+- **Loss:** `{_inline(cfg.loss.name)}`, beta = {cfg.loss.beta}{_loss_options(cfg)}
 - **Steps:** {cfg.train.max_steps or f"{cfg.train.epochs or 1} epoch(s)"}, batch {cfg.train.batch_size} \
 (grad_accum {cfg.train.grad_accum}), lr {cfg.train.lr}, seed {cfg.train.seed}, precision {cfg.precision}
 
@@ -314,7 +338,8 @@ def _loss_options(cfg: Config) -> str:
 
 def export(session: Session, model: Any, tokenizer: Any, card: str) -> Path:
     """``final/``: gathered on rank 0 (a full state dict, offloaded to CPU) and written there alone."""
-    out = ckpt.export_final(session.run_dir / "final", model, tokenizer, redact(card), session.dist)
+    out = ckpt.export_final(session.run_dir / "final", model, tokenizer, redact(card), session.dist,
+                            session.cfg.train.final_dtype)
     if session.dist.main:
         log.info("final model written to %s", out)
     return out

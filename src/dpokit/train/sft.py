@@ -20,8 +20,8 @@ DEFAULT_LR = 2e-5
 
 
 def build_sft(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None,
-              overwrite: bool = False) -> Job:
-    session = open_session(cfg, resume, "sft", overwrite)
+              overwrite: bool = False, extend: bool = False) -> Job:
+    session = open_session(cfg, resume, "sft", overwrite, extend)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     items = load_stage_items(cfg, "sft", cfg.data.train_files, tokenizer, "train", session.run_dir, session.dist)
     model = model if model is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
@@ -32,6 +32,6 @@ def build_sft(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
                lr=cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR, tokenizer=tokenizer)
 
 
-def run_sft(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+def run_sft(cfg: Config, resume: str | None = None, overwrite: bool = False, extend: bool = False) -> Path:
     """Train with SFT; returns the ``final/`` directory."""
-    return run_stage(build_sft, cfg, resume, overwrite)
+    return run_stage(build_sft, cfg, resume, overwrite, extend)
