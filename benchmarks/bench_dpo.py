@@ -112,7 +112,7 @@ def run_dpokit(args: argparse.Namespace, data: Path, mode: str) -> dict:
         overrides += [("train.layout", "padded"), ("train.ref_cache", False)]
     elif mode != "dpokit":
         overrides += [("train.layout", mode.split("-")[1].replace("shared", "shared_prompt"))]
-    os.environ["DPOKIT_CACHE"] = str(Path(args.out) / "cache")  # a cold cache: its fill counts as setup
+    os.environ["DPOKIT_CACHE"] = f"{args.out}-cache"  # a cold cache beside the run: its fill counts as setup
     cfg = load_config(None, overrides)
     times: list[float] = []
     records: list[dict] = []

@@ -138,6 +138,8 @@ def test_report_page_of_a_run(dpo_run):
     assert "win rate of policy over reference" in text and "Samples, side by side (4 of 4)" in text
     assert m.tags.count("svg") == 13 + 6  # 13 panels (10, and entropy, token accuracy, mean logits), 6 histograms
     assert "finished" in text and "Library versions" in text  # run.json, written by the training loop
+    cost = read_run_info(dpo_run)["report_cost"]  # what the live report cost, measured by the loop
+    assert cost["renders"] >= 1 and 0 < cost["render_s"] and 0 < cost["share"] < 1
 
 
 def test_escaping_of_every_data_string(tmp_path):

@@ -35,6 +35,7 @@ RUN_FIELDS: dict[str, str] = {
     "precision": "precision actually used (fp32 or bf16), after precision=auto is resolved",
     "layout": "padded | packed | shared_prompt",
     "world_size": "processes (torchrun)",
+    "report_cost": "{'render_s', 'renders', 'share'}: what writing report.html cost, share of the wall time",
     "versions": "{'dpokit': ..., 'torch': ..., ...} (filled in on the first write)",
 }
 VERSIONED = ("dpokit", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors", "matplotlib")

@@ -284,6 +284,11 @@ class RunLog:
         self.closed = True
         write_run_info(self.session.run_dir, status=status, **({"error": error} if error else {}))
         self.report.maybe_write(force=True)
+        r = self.report  # what the report cost this run, kept where a user (and a benchmark) can read it
+        cost = {"render_s": round(r.spent, 3), "renders": r.writes, "share": round(r.spent / max(r.elapsed, 1e-9), 5)}
+        write_run_info(self.session.run_dir, report_cost=cost)
+        log.info("report.html: %d renders, %.1f s (%.2f%% of %.0f s)", r.writes, r.spent, 100 * cost["share"],
+                 r.elapsed)
         self.trackers.close()
 
 
