@@ -131,9 +131,9 @@ def run_dpokit(args: argparse.Namespace, data: Path, mode: str) -> dict:
     job.observers.append(on_step)
     real_forward = LogProbs.forward
 
-    def counting(self: LogProbs, batch):  # token positions each forward computes, for the FLOP estimate
+    def counting(self: LogProbs, batch, **kw):  # token positions each forward computes, for the FLOP estimate
         positions["policy" if self is job.policy else "reference"] += batch.positions
-        return real_forward(self, batch)
+        return real_forward(self, batch, **kw)
 
     LogProbs.forward = counting  # type: ignore[method-assign]
     positions.update(policy=0, reference=0)
