@@ -100,14 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                          allow_abbrev=False)
     _add_config_args(dpo, STAGE_DEFAULTS["dpo"])
 
+    from dpokit import cli_onpolicy as onpolicy
+
     online = sub.add_parser("online", help="online/iterative DPO: rounds of sample, judge, pair, DPO, evaluate",
                             allow_abbrev=False)
     _add_config_args(online, STAGE_DEFAULTS["online"])
-    _add_online_args(online)
+    onpolicy.add_online_args(online)
     rl = sub.add_parser("rl", help="RLOO: REINFORCE with a leave-one-out baseline, maximizing E[r] - beta KL",
                         allow_abbrev=False)
     _add_config_args(rl, STAGE_DEFAULTS["rl"])
-    _add_rl_args(rl)
+    onpolicy.add_rl_args(rl)
 
     demo = sub.add_parser("demo", help="controlled-sentiment DPO on the embedded SmolLM2-135M-Instruct",
                           allow_abbrev=False)
@@ -215,47 +217,6 @@ def _pairing(args: argparse.Namespace, pairwise: Any) -> tuple[str, Any]:
         raise ConfigError(f"--mode {mode}: {e}") from None
 
 
-def _add_onpolicy_sampling(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--prompts", help="training prompts (text lines or JSONL with 'prompt')")
-    g.add_argument("--eval-prompts", help="held-out prompts, sampled and judged to evaluate the policy")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="(default: 64)")
-    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap each prompt as a user message in the chat template (default: when the tokenizer "
-                   "has a chat template)")
-
-
-def _add_online_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``dpokit online`` (each round's DPO takes the config keys); None: not given (a resume takes the
-    run's own)."""
-    g = p.add_argument_group("online rounds")
-    _add_onpolicy_sampling(g)
-    g.add_argument("--rounds", type=int, default=None, help="rounds of sample-judge-pair-train (default: 3)")
-    g.add_argument("--prompts-per-round", type=int, default=None,
-                   help="prompts sampled each round; with train.batch_size of them and one epoch a round is one "
-                   "DPO step: per-step online DPO (default: 64)")
-    g.add_argument("-n", "--num-samples", type=int, default=None, help="samples per prompt (default: 4)")
-    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1.0)")
-    g.add_argument("--reference", choices=["initial", "previous"], default=None,
-                   help="each round's DPO reference: the initial model, or the policy after the previous round "
-                   "(default: initial)")
-    g.add_argument("--start", choices=["initial", "previous"], default=None,
-                   help="where each round's policy starts (and samples from): the previous round's policy or the "
-                   "initial model (default: previous)")
-    g.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt (default: 4)")
-    g.add_argument("--eval-judge", metavar="MODULE:FUNCTION",
-                   help="reward function for the held-out evaluation (default: the training judge)")
-    _add_pairing_args(p)
-    _add_judge_args(p)
-
-
-def _add_rl_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("RLOO")
-    _add_onpolicy_sampling(g)
-    g.add_argument("-k", "--samples-per-prompt", type=int, default=None,
-                   help="samples per prompt each step, for the leave-one-out baseline (default: 4)")
-    _add_judge_args(p)
-
-
 def _add_sampling_args(p: argparse.ArgumentParser, num_samples: int, short_n: bool = False) -> None:
     """The same sampling options, with the same defaults, for generate, eval and pairs: temperature 1 draws from
     the model's own distribution (what eval's KL estimate and on-policy pairs need, so generate shows the same
@@ -328,16 +289,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {  # "_refused": keys (or sections) 
     "rl": {"output_dir": "runs/rl", "train.ref_cache": False,
            "_refused": ("data.train_files", "data.eval_files", "data.split", "data.eval_split", "train.ref_cache")},
 }
-ONLINE_FLAGS = {"prompts": "prompts", "eval_prompts": "eval_prompts", "rounds": "rounds",
-                "prompts_per_round": "prompts_per_round", "num_samples": "n", "mode": "mode",
-                "pairs_per_prompt": "pairs_per_prompt", "rso_beta": "rso_beta", "rso_samples": "rso_samples",
-                "bt_tau": "bt_tau", "reference": "reference", "start": "start", "max_new_tokens": "max_new_tokens",
-                "temperature": "temperature", "eval_samples": "eval_samples", "chat": "chat"}
-RL_FLAGS = {"prompts": "prompts", "eval_prompts": "eval_prompts", "samples_per_prompt": "k",
-            "max_new_tokens": "max_new_tokens", "chat": "chat"}
 PAIRING_DEFAULTS = {"pairs_per_prompt": 1, "rso_beta": 0.5, "rso_samples": 2, "bt_tau": 1.0}
-JUDGE_FLAGS = ("judge", "judge_rm", "judge_openai", "judge_model", "judge_timeout", "judge_max_invalid")
-JUDGE_DEFAULTS = {"judge_model": "gpt-4o-mini", "judge_timeout": 30.0, "judge_max_invalid": 0.1}
 
 
 def _suggest_flag(arg: str, parser: argparse.ArgumentParser) -> str:
@@ -443,109 +395,16 @@ def _report(args: argparse.Namespace) -> int:
     return report_command(args.runs, args.out)
 
 
-def _given_settings(args: argparse.Namespace, flags: dict[str, str], stored: dict[str, Any] | None,
-                    defaults: dict[str, Any]) -> dict[str, Any]:
-    """A command's own settings: each flag given, else the stored run's (a resume), else its default; a resume
-    given a value other than the run's is refused, naming it."""
-    out = {}
-    for flag, name in flags.items():
-        value = getattr(args, flag, None)
-        if value is not None and stored is not None and stored.get(name) != value:
-            raise ConfigError(f"--{flag.replace('_', '-')} {value!r}: the run in {args.output_dir_resolved} was "
-                              f"started with {stored.get(name)!r}; a resume keeps the run's settings")
-        out[name] = value if value is not None else stored[name] if stored is not None else defaults[name]
-    return out
-
-
-def _judge_flags(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
-    given = {k: getattr(args, k) for k in JUDGE_FLAGS if getattr(args, k) not in (None, JUDGE_DEFAULTS.get(k))}
-    if stored is not None and given and any(stored.get(k) != v for k, v in given.items()):
-        raise ConfigError(f"the judge options differ from the run's ({stored}); a resume keeps the run's judge")
-    base = stored if stored is not None and not given else {k: getattr(args, k) for k in JUDGE_FLAGS}
-    return {k: base.get(k, JUDGE_DEFAULTS.get(k)) for k in JUDGE_FLAGS}
-
-
-def _stored_settings(output_dir: str, name: str, resume: Any) -> dict[str, Any] | None:
-    import json
-    from pathlib import Path
-
-    path = Path(output_dir) / name
-    if not resume or not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return data.get("settings", data)
-
-
 def _online(args: argparse.Namespace) -> int:
-    import argparse as ap
-    import dataclasses
-    from pathlib import Path
+    from dpokit.cli_onpolicy import online
 
-    from dpokit.eval.judges import FunctionJudge
-    from dpokit.train.loop import TrainingInterrupted
-    from dpokit.train.online import SETTINGS_FILE, OnlineSettings, run_online, stored_run
-
-    cfg = _config_from(args, STAGE_DEFAULTS["online"])
-    args.output_dir_resolved = cfg.output_dir
-    stored = _stored_settings(cfg.output_dir, SETTINGS_FILE, args.resume)
-    if stored is not None and not _config_given(args):
-        cfg = stored_run(Path(cfg.output_dir))[1]  # a bare resume: the run's own config
-    defaults = {f.name: f.default for f in dataclasses.fields(OnlineSettings) if f.default is not dataclasses.MISSING}
-    values = _given_settings(args, ONLINE_FLAGS, stored, defaults)
-    judge_flags = _judge_flags(args, stored.get("judge") if stored else None)
-    eval_judge = args.eval_judge or (stored or {}).get("eval_judge", {}).get("judge")
-    if values["prompts"] is None:
-        raise ConfigError("dpokit online needs --prompts (training prompts)")
-    judge, pairwise = _judges(ap.Namespace(**judge_flags))
-    if judge is None and pairwise is None:
-        raise ConfigError("dpokit online needs a judge: --judge, --judge-rm or --judge-openai")
-    if values["mode"] is None:
-        values["mode"] = "random" if pairwise is not None else "best-worst"
-    settings = OnlineSettings(**values, judge=judge_flags, eval_judge={"judge": eval_judge} if eval_judge else {})
-    try:
-        result = run_online(cfg, settings, judge or pairwise,
-                            FunctionJudge.load(eval_judge) if eval_judge else None, resume=bool(args.resume),
-                            overwrite=args.overwrite)
-    except (TrainingInterrupted, KeyboardInterrupt) as e:
-        import shlex
-
-        print(f"dpokit: online run stopped ({type(e).__name__}); every complete round is kept. Resume with: dpokit "
-              f"online --output-dir {shlex.quote(cfg.output_dir)} --resume", file=sys.stderr)
-        return 128 + getattr(e, "signum", 2)
-    print(result.final)
-    return 0
-
-
-def _config_given(args: argparse.Namespace) -> bool:
-    """Whether the command line sets any config key other than output_dir (a --config file, a flag, key=value)."""
-    ns = vars(args)
-    return bool(args.config or args.overrides or any(k in ns for k in all_keys() if k != "output_dir"))
+    return online(args)
 
 
 def _rl(args: argparse.Namespace) -> int:
-    import argparse as ap
-    import dataclasses
+    from dpokit.cli_onpolicy import rl
 
-    from dpokit.train.rl import SETTINGS_FILE, RLSettings, run_rl
-
-    cfg = _config_from(args, STAGE_DEFAULTS["rl"])
-    args.output_dir_resolved = cfg.output_dir
-    stored = _stored_settings(cfg.output_dir, SETTINGS_FILE, args.resume)
-    defaults = {f.name: f.default for f in dataclasses.fields(RLSettings) if f.default is not dataclasses.MISSING}
-    values = _given_settings(args, RL_FLAGS, stored, defaults)
-    judge_flags = _judge_flags(args, stored.get("judge") if stored else None)
-    if values["prompts"] is None:
-        raise ConfigError("dpokit rl needs --prompts (training prompts)")
-    judge, pairwise = _judges(ap.Namespace(**judge_flags))
-    if pairwise is not None:
-        raise ConfigError("dpokit rl needs a reward per sample: --judge or --judge-rm (a pairwise judge compares "
-                          "two samples; use it with dpokit online)")
-    if judge is None:
-        raise ConfigError("dpokit rl needs a judge: --judge or --judge-rm")
-    out = run_rl(cfg, RLSettings(**values, judge=judge_flags), judge, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(out)
-    return 0
+    return rl(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
