@@ -18,13 +18,13 @@ from dpokit.train.rl import rloo_advantages, rloo_loss
 
 def test_rloo_advantages_are_leave_one_out_by_hand():
     r = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, -1.0]])
-    l = torch.tensor([[0.2, -0.1, 0.0], [0.0, 1.0, 0.0]])
+    logratio = torch.tensor([[0.2, -0.1, 0.0], [0.0, 1.0, 0.0]])
     beta = 0.5
     R = [[0.9, 0.05, 2.0], [0.5, 0.0, -1.0]]  # r - beta l
     want = [[R[p][i] - sum(R[p][j] for j in range(3) if j != i) / 2 for i in range(3)] for p in range(2)]
-    assert torch.allclose(rloo_advantages(r, l, beta), torch.tensor(want), atol=1e-6)
+    assert torch.allclose(rloo_advantages(r, logratio, beta), torch.tensor(want), atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        rloo_advantages(r[:, :1], l[:, :1], beta)
+        rloo_advantages(r[:, :1], logratio[:, :1], beta)
 
 
 def _toy(seed: int = 0, v: int = 4):

@@ -145,6 +145,11 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _finite(x: float) -> float | None:
+    """None for NaN (a win rate with no decided comparison): run records stay strict JSON."""
+    return None if x != x else x
+
+
 def _is_pairwise(judge: Any) -> bool:
     return not hasattr(judge, "score") and hasattr(judge, "compare")
 
@@ -238,7 +243,8 @@ class Online:
                 outcomes = [1.0 if r["reward"] > b["reward"] else 0.0 if r["reward"] < b["reward"] else 0.5
                             for r, b in zip(rows, base)]
             wr = win_rate(outcomes)
-            metrics["eval/win_rate"], metrics["eval/win_rate_ties_half"] = wr.rate, wr.rate_ties_half
+            metrics["eval/win_rate"], metrics["eval/win_rate_ties_half"] = _finite(wr.rate), _finite(wr.rate_ties_half)
+            metrics["eval/ties"] = wr.ties
         else:
             metrics["eval/kl"], metrics["eval/kl_stderr"] = 0.0, 0.0
         _write_jsonl(out / "eval_samples.jsonl", rows)
