@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--model", required=True, help="model to sample from (usually the reference/SFT model)")
     pairs.add_argument("--prompts", required=True, help="prompts (text lines or JSONL with 'prompt')")
     _add_judge_args(pairs)
-    _add_pairing_args(pairs)
+    onpolicy.add_pairing_args(pairs)
     _add_sampling_args(pairs, num_samples=8, short_n=True)
     pairs.add_argument("--out", required=True, help="output .jsonl")
 
@@ -173,48 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-field-chars", type=int, default=1_000_000,
                        help="characters of text one field may hold; longer records are errors (default: 1000000)")
     return p
-
-
-def _add_pairing_args(p: argparse.ArgumentParser) -> None:
-    """How a prompt's scored samples make pairs (``dpokit.eval.pairing``), for pairs and online."""
-    g = p.add_argument_group("pairing")
-    g.add_argument("--mode", choices=["best-worst", "all-pairs", "random", "rso", "bt"], default=None,
-                   help="best-worst: k-th best vs k-th worst; all-pairs: every pair with different rewards; random: "
-                   "samples paired as drawn, labelled by reward; rso: statistical rejection sampling (Liu et al. "
-                   "2023) of --rso-samples from the candidates, paired as accepted; bt: random pairs, the winner "
-                   "drawn with probability sigmoid((r_a - r_b) / --bt-tau) (default: best-worst; with "
-                   "--judge-openai: random)")
-    g.add_argument("--pairs-per-prompt", type=int, default=None,
-                   help="best-worst: k-th best vs k-th worst, k <= this (default: 1)")
-    g.add_argument("--rso-beta", type=float, default=None,
-                   help="rso: acceptance exp((r - r_max) / beta), the tilt toward high reward (default: 0.5)")
-    g.add_argument("--rso-samples", type=int, default=None,
-                   help="rso: samples accepted per prompt, paired as accepted (default: 2, one pair)")
-    g.add_argument("--bt-tau", type=float, default=None, help="bt: Bradley-Terry temperature (default: 1.0)")
-
-
-def _pairing(args: argparse.Namespace, pairwise: Any) -> tuple[str, Any]:
-    """The mode and the pairing object of the pairing flags; a mode a pairwise judge cannot label is refused."""
-    from dpokit.eval.pairing import check_pairwise_mode, make_pairing
-
-    for name, default in PAIRING_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.pairs_per_prompt < 1:
-        raise ConfigError(f"--pairs-per-prompt must be >= 1, got {args.pairs_per_prompt}")
-    if pairwise is not None:
-        try:
-            return check_pairwise_mode(args.mode or "random", args.num_samples), None
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    mode = args.mode or "best-worst"
-    if mode == "rso" and not 2 <= args.rso_samples <= args.num_samples:
-        raise ConfigError(f"--rso-samples must be in [2, -n {args.num_samples}], got {args.rso_samples}")
-    try:
-        return mode, make_pairing(mode, pairs_per_prompt=args.pairs_per_prompt, rso_beta=args.rso_beta,
-                                  rso_samples=args.rso_samples, bt_tau=args.bt_tau)
-    except ValueError as e:
-        raise ConfigError(f"--mode {mode}: {e}") from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, num_samples: int, short_n: bool = False) -> None:
@@ -289,7 +247,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {  # "_refused": keys (or sections) 
     "rl": {"output_dir": "runs/rl", "train.ref_cache": False,
            "_refused": ("data.train_files", "data.eval_files", "data.split", "data.eval_split", "train.ref_cache")},
 }
-PAIRING_DEFAULTS = {"pairs_per_prompt": 1, "rso_beta": 0.5, "rso_samples": 2, "bt_tau": 1.0}
 
 
 def _suggest_flag(arg: str, parser: argparse.ArgumentParser) -> str:
@@ -495,7 +452,9 @@ def _pairs(args: argparse.Namespace) -> int:
     judge, pairwise = _judges(args)
     if judge is None and pairwise is None:
         raise ConfigError("dpokit pairs needs a judge: --judge, --judge-rm or --judge-openai")
-    mode, pairing = _pairing(args, pairwise)
+    from dpokit.cli_onpolicy import pairing_of
+
+    mode, pairing = pairing_of(args, pairwise)
     device = pick_device()
     tok = load_tokenizer(args.model)
     model = load_model(args.model).to(device).eval()

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from dpokit.cli import STAGE_DEFAULTS, _add_judge_args, _add_pairing_args, _config_from, _judges
+from dpokit.cli import STAGE_DEFAULTS, _add_judge_args, _config_from, _judges
 from dpokit.config import ConfigError, all_keys
 
 ONLINE_FLAGS = {"prompts": "prompts", "eval_prompts": "eval_prompts", "rounds": "rounds",
@@ -18,8 +18,51 @@ ONLINE_FLAGS = {"prompts": "prompts", "eval_prompts": "eval_prompts", "rounds": 
                 "temperature": "temperature", "eval_samples": "eval_samples", "chat": "chat"}
 RL_FLAGS = {"prompts": "prompts", "eval_prompts": "eval_prompts", "samples_per_prompt": "k",
             "max_new_tokens": "max_new_tokens", "chat": "chat"}
+PAIRING_DEFAULTS = {"pairs_per_prompt": 1, "rso_beta": 0.5, "rso_samples": 2, "bt_tau": 1.0}
 JUDGE_FLAGS = ("judge", "judge_rm", "judge_openai", "judge_model", "judge_timeout", "judge_max_invalid")
 JUDGE_DEFAULTS = {"judge_model": "gpt-4o-mini", "judge_timeout": 30.0, "judge_max_invalid": 0.1}
+
+
+def add_pairing_args(p: argparse.ArgumentParser) -> None:
+    """How a prompt's scored samples make pairs (``dpokit.eval.pairing``), for pairs and online."""
+    g = p.add_argument_group("pairing")
+    g.add_argument("--mode", choices=["best-worst", "all-pairs", "random", "rso", "bt"], default=None,
+                   help="best-worst: k-th best vs k-th worst; all-pairs: every pair with different rewards; random: "
+                   "samples paired as drawn, labelled by reward; rso: statistical rejection sampling (Liu et al. "
+                   "2023) of --rso-samples from the candidates, paired as accepted; bt: random pairs, the winner "
+                   "drawn with probability sigmoid((r_a - r_b) / --bt-tau) (default: best-worst; with "
+                   "--judge-openai: random)")
+    g.add_argument("--pairs-per-prompt", type=int, default=None,
+                   help="best-worst: k-th best vs k-th worst, k <= this (default: 1)")
+    g.add_argument("--rso-beta", type=float, default=None,
+                   help="rso: acceptance exp((r - r_max) / beta), the tilt toward high reward (default: 0.5)")
+    g.add_argument("--rso-samples", type=int, default=None,
+                   help="rso: samples accepted per prompt, paired as accepted (default: 2, one pair)")
+    g.add_argument("--bt-tau", type=float, default=None, help="bt: Bradley-Terry temperature (default: 1.0)")
+
+
+def pairing_of(args: argparse.Namespace, pairwise: Any) -> tuple[str, Any]:
+    """The mode and the pairing object of the pairing flags; a mode a pairwise judge cannot label is refused."""
+    from dpokit.eval.pairing import check_pairwise_mode, make_pairing
+
+    for name, default in PAIRING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.pairs_per_prompt < 1:
+        raise ConfigError(f"--pairs-per-prompt must be >= 1, got {args.pairs_per_prompt}")
+    if pairwise is not None:
+        try:
+            return check_pairwise_mode(args.mode or "random", args.num_samples), None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    mode = args.mode or "best-worst"
+    if mode == "rso" and not 2 <= args.rso_samples <= args.num_samples:
+        raise ConfigError(f"--rso-samples must be in [2, -n {args.num_samples}], got {args.rso_samples}")
+    try:
+        return mode, make_pairing(mode, pairs_per_prompt=args.pairs_per_prompt, rso_beta=args.rso_beta,
+                                  rso_samples=args.rso_samples, bt_tau=args.bt_tau)
+    except ValueError as e:
+        raise ConfigError(f"--mode {mode}: {e}") from None
 
 
 def _add_onpolicy_sampling(g: argparse._ArgumentGroup) -> None:
@@ -51,7 +94,7 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt (default: 4)")
     g.add_argument("--eval-judge", metavar="MODULE:FUNCTION",
                    help="reward function for the held-out evaluation (default: the training judge)")
-    _add_pairing_args(p)
+    add_pairing_args(p)
     _add_judge_args(p)
 
 
