@@ -246,3 +246,45 @@ def test_dpokit_pairs_with_an_openai_compatible_judge(tmp_path: Path, tiny_model
     m = re.search(r"; (\d+) pairwise comparisons", printed)
     assert m and len(requests) == 2 * int(m.group(1)) and int(m.group(1)) <= 4
     assert (tmp_path / "pairs.jsonl.judgements.jsonl").is_file()
+
+
+def test_dpo_on_bradley_terry_labels_recovers_the_optimum_at_tau_beta():
+    """On a toy categorical policy (4 'responses', all pairs drawn from pi_ref), DPO at beta (dpokit's sigmoid loss)
+    on labels drawn by ``BradleyTerry(tau)`` converges to pi*_{tau beta} ∝ pi_ref exp(r / (tau beta)): the BT
+    reward is r / tau, and DPO's minimizer has beta log(pi / pi_ref) = r / tau + const. The optimum at beta alone
+    (ignoring tau) is far from it."""
+    import torch
+
+    from dpokit.losses import sigmoid_loss
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.randn(4, generator=g, dtype=torch.float64), -1)
+    r = [0.0, 0.4, 1.0, -0.6]
+    tau, beta, n = 0.5, 1.0, 40_000
+    draws = torch.multinomial(ref.exp(), 2 * n, replacement=True, generator=g).view(n, 2).tolist()
+    wins, bt, rng = Counter(), BradleyTerry(tau), random.Random(0)  # (winner, loser) -> pairs
+    for a, b in draws:
+        if a != b:
+            (w, lo), = bt.pairs([r[a], r[b]], rng)
+            wins[((a, b)[w], (a, b)[lo])] += 1
+    keys = sorted(wins)
+    chosen_t, rejected_t = torch.tensor([k[0] for k in keys]), torch.tensor([k[1] for k in keys])
+    weight = torch.tensor([wins[k] for k in keys], dtype=torch.float64)
+    theta = ref.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-12)
+
+    def closure():  # the mean DPO loss over every labelled pair (identical pairs counted once, weighted)
+        opt.zero_grad()
+        logp = torch.log_softmax(theta, -1)
+        losses, _, _ = sigmoid_loss(logp[chosen_t], logp[rejected_t], ref[chosen_t], ref[rejected_t], beta=beta)
+        loss = (weight * losses).sum() / weight.sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    pi = torch.softmax(theta.detach(), -1)
+    target = torch.softmax(ref + torch.tensor(r, dtype=torch.float64) / (tau * beta), -1)
+    wrong = torch.softmax(ref + torch.tensor(r, dtype=torch.float64) / beta, -1)
+    assert torch.allclose(pi, target, atol=0.02), (pi, target)
+    assert (pi - wrong).abs().max() > 0.05

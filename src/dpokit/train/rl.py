@@ -105,7 +105,7 @@ class RLOORecipe(Recipe):
     """k samples per prompt from the current policy, scored by ``judge``; the RLOO loss against ``reference``."""
 
     name = "rl"
-    throughput_name = "samples_per_s"
+    throughput_name = "prompts_per_s"  # the loop counts items: prompts (k samples each)
     postfix = ("reward", "kl", "objective")
     keys = ("loss", "reward", "kl", "objective", "entropy", "completion_length")
     batch_type = SampledBatch
