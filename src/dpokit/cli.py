@@ -1,4 +1,4 @@
-"""Command line: ``dpokit sft | dpo | eval | pairs | generate | merge | data check | losses | demo``.
+"""Command line: ``dpokit sft | dpo | online | rl | eval | pairs | generate | merge | data check | losses | demo``.
 
 Thin by design: parse, build the config, call one function (``COMMANDS``). Every config key is a flag
 (``--train.lr 1e-5``) and a ``key=value`` override (``train.lr=1e-5``); the common ones have
@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                          allow_abbrev=False)
     _add_config_args(dpo, STAGE_DEFAULTS["dpo"])
 
+    from dpokit import cli_onpolicy as onpolicy
+
+    online = sub.add_parser("online", help="online/iterative DPO: rounds of sample, judge, pair, DPO, evaluate",
+                            allow_abbrev=False)
+    _add_config_args(online, STAGE_DEFAULTS["online"])
+    onpolicy.add_online_args(online)
+    rl = sub.add_parser("rl", help="RLOO: REINFORCE with a leave-one-out baseline, maximizing E[r] - beta KL",
+                        allow_abbrev=False)
+    _add_config_args(rl, STAGE_DEFAULTS["rl"])
+    onpolicy.add_rl_args(rl)
+
     demo = sub.add_parser("demo", help="controlled-sentiment DPO on the embedded SmolLM2-135M-Instruct",
                           allow_abbrev=False)
     demo.add_argument("--output-dir", default="runs/demo", help="run directory (default: runs/demo)")
@@ -143,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--model", required=True, help="model to sample from (usually the reference/SFT model)")
     pairs.add_argument("--prompts", required=True, help="prompts (text lines or JSONL with 'prompt')")
     _add_judge_args(pairs)
-    pairs.add_argument("--mode", choices=["best-worst", "all-pairs"], default="best-worst",
-                       help="best vs worst, or every ordered pair (default: best-worst)")
-    pairs.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: k-th best vs k-th worst, k <= this")
+    onpolicy.add_pairing_args(pairs)
     _add_sampling_args(pairs, num_samples=8, short_n=True)
     pairs.add_argument("--out", required=True, help="output .jsonl")
 
@@ -238,6 +247,10 @@ def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {  # "_refused": keys (or sections) the stage refuses: not in --help
     "sft": {"output_dir": "runs/sft", "_refused": ("loss", "model.ref_name_or_path", "train.ref_cache")},
     "dpo": {"output_dir": "runs/dpo"},
+    "online": {"output_dir": "runs/online", "_refused": ("data.train_files", "data.eval_files", "data.split",
+                                                        "data.eval_split", "train.distributed")},
+    "rl": {"output_dir": "runs/rl", "train.ref_cache": False,
+           "_refused": ("data.train_files", "data.eval_files", "data.split", "data.eval_split", "train.ref_cache")},
 }
 
 
@@ -347,6 +360,18 @@ def _report(args: argparse.Namespace) -> int:
     return report_command(args.runs, args.out)
 
 
+def _online(args: argparse.Namespace) -> int:
+    from dpokit.cli_onpolicy import online
+
+    return online(args)
+
+
+def _rl(args: argparse.Namespace) -> int:
+    from dpokit.cli_onpolicy import rl
+
+    return rl(args)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](args)
 
@@ -427,29 +452,34 @@ def _pairs(args: argparse.Namespace) -> int:
     _check_sampling(args)
     if args.num_samples < 2:
         raise ConfigError(f"-n/--num-samples must be >= 2 to make a pair, got {args.num_samples}")
-    if args.pairs_per_prompt < 1:
-        raise ConfigError(f"--pairs-per-prompt must be >= 1, got {args.pairs_per_prompt}")
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise ConfigError(f"--out {out}: " + ("a directory; give a .jsonl file name" if out.is_dir() else
                                               f"its directory {out.parent} does not exist"))
     texts = read_prompts(args.prompts)
     judge, pairwise = _judges(args)
-    if judge is None:
-        raise ConfigError("dpokit pairs ranks samples with a reward judge: --judge or --judge-rm")
+    if judge is None and pairwise is None:
+        raise ConfigError("dpokit pairs needs a judge: --judge, --judge-rm or --judge-openai")
+    from dpokit.cli_onpolicy import pairing_of
+
+    mode, pairing = pairing_of(args, pairwise)
     device = pick_device()
     tok = load_tokenizer(args.model)
     model = load_model(args.model).to(device).eval()
     prompts = _chat_prompts(texts, args, tok)
-    records, skipped = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=args.mode,
-                                  pairs_per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, seed=args.seed, device=device,
-                                  precision=resolve_precision("auto", device))
+    result = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=mode, pairing=pairing,
+                        pairwise=pairwise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, device=device, precision=resolve_precision("auto", device),
+                        max_invalid=args.judge_max_invalid,
+                        log_path=out.with_name(out.name + ".judgements.jsonl") if pairwise is not None else None)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
     os.replace(tmp, out)
-    print(f"{len(records)} pairs from {len(prompts)} prompts written to {out} "
-          f"({skipped} prompts skipped: all their samples tied)")
+    why = ", ".join(f"{n} {k}" for k, n in sorted(result.dropped.items()))
+    print(f"{len(result.records)} pairs from {len(prompts)} prompts written to {out} "
+          f"({result.prompts_without_pair} prompts made no pair: all their samples tied or were left out"
+          + (f"; candidate pairs left out: {why}" if why else "")
+          + (f"; {result.comparisons} pairwise comparisons" if pairwise is not None else "") + ")")
     return 0
 
 
@@ -494,7 +524,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "sft": _train, "dpo": _train, "demo": _demo, "generate": _generate, "data": _data_check, "eval": _eval,
-    "merge": _merge, "pairs": _pairs, "losses": _losses, "report": _report,
+    "merge": _merge, "pairs": _pairs, "losses": _losses, "report": _report, "online": _online, "rl": _rl,
 }
 
 
