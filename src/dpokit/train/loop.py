@@ -347,6 +347,8 @@ def fit(job: Job) -> LoopResult:
                 raise TrainingInterrupted(signum, done, steps, save(done))
             if t.save_steps and done % t.save_steps == 0 and done < steps:
                 save(done)
+            if t.snapshot_steps and done % t.snapshot_steps == 0 and done < steps:  # weights alone, kept
+                ckpt.save_snapshot(run_dir / "snapshots" / f"step-{done}", model, job.tokenizer, done, place)
     if steps > start:
         save(steps)
     return LoopResult(steps=steps, last_metrics=last, history=history)
