@@ -110,7 +110,7 @@ def build_rm(cfg: Config, resume: str | None = None, model: Any = None, tokenize
                tokenizer=tokenizer, eval_recipe=recipe if eval_items else None, eval_items=eval_items)
 
 
-def reward_card(cfg: Config, metrics: dict[str, float]) -> str:
+def reward_card(cfg: Config, metrics: dict[str, float], lr: float) -> str:
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     held_out = f"\n- **Held-out pair accuracy:** {metrics['eval/accuracy']:.4f} on {', '.join(cfg.data.eval_files)}" \
         if "eval/accuracy" in metrics else ""
@@ -126,7 +126,7 @@ base_model: {cfg.model.name_or_path}
 - **Loss:** -log sigmoid(r(chosen) - r(rejected))
 - **Training data:** {', '.join(cfg.data.train_files) or '(none)'}{held_out}
 - **Steps:** {cfg.train.max_steps or f"{cfg.train.epochs or 1} epoch(s)"}, batch {cfg.train.batch_size}, lr \
-{cfg.train.lr}, seed {cfg.train.seed}, precision {cfg.precision}
+{lr:g}, seed {cfg.train.seed}, precision {cfg.precision}
 
 Scores: `dpokit eval|pairs --judge-rm THIS_DIRECTORY`, or `AutoModelForSequenceClassification` (logits[:, 0]).
 Last logged metrics: `{shown}`
@@ -143,5 +143,5 @@ def run_rm(cfg: Config, resume: str | None = None) -> Path:
         lines = (job.session.run_dir / "metrics.jsonl").read_text().splitlines()
         if job.eval_items and lines:
             metrics.update({k: v for k, v in json.loads(lines[-1]).items() if k.startswith("eval/")})
-        (final / "README.md").write_text(redact(reward_card(job.session.cfg, metrics)))
+        (final / "README.md").write_text(redact(reward_card(job.session.cfg, metrics, job.lr)))
     return final
