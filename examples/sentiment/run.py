@@ -151,7 +151,8 @@ def regenerate(cache_dir: str | None, only: list[str], reference: Path = REFEREN
             json.dumps({"prompt_index": s.prompt_index, "text": s.text, "score": sc,
                         "completion_ids": s.completion_ids}) + "\n" for s, sc in zip(drawn, scores)))
         prov[name] = {
-            "prompts": f"dpokit.demo.prompt_pool().{split}", "samples_per_prompt": n, "seed": seed,
+            "prompts": f"dpokit.demo.prompt_pool().{split}", "prompts_drawn": len(prompts), "samples_per_prompt": n,
+            "seed": seed,
             "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "batch_size": SAMPLE_BATCH,
             "precision": task.precision, "model": task.model_dir.name, "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.machine(), "cpu": cpu_summary(),
@@ -287,6 +288,12 @@ def main() -> None:
     train_prompts, eval_prompts = pool.train[: plan.train_prompts], pool.heldout[: plan.eval_prompts]
     reference = Path(args.reference)
     train_rows, heldout_rows = read_set("pool-train", reference), read_set("pool-heldout", reference)
+    for name, rows, need in (("pool-train", train_rows, plan.train_prompts),
+                             ("pool-heldout", heldout_rows, plan.eval_prompts)):
+        have = len({r["prompt_index"] for r in rows})
+        if have < need:
+            raise SystemExit(f"{reference / (name + '.jsonl')}: samples for {have} prompts, this run needs {need}: "
+                             f"draw them with --regenerate {name}")
     ref_rewards = by_prompt(heldout_rows, "score", plan.eval_prompts)  # [P][64]
 
     # pairs for DPO/IPO and the reward model; held-out pairs for the reward model's accuracy
