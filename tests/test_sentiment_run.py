@@ -109,3 +109,13 @@ def test_committed_results_efficiency_recomputes(run, which):
     for p in points:  # a point's reward and KL are the means over prompts of what it stores per prompt
         assert p.reward == pytest.approx(sum(p.prompt_rewards) / len(p.prompt_rewards), rel=1e-9, abs=1e-12)
         assert p.kl == pytest.approx(sum(p.prompt_kls) / len(p.prompt_kls), rel=1e-9, abs=1e-12)
+
+
+def test_a_missing_sample_set_is_one_line_naming_the_file(run, tmp_path, monkeypatch):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "pool-heldout.jsonl").write_text("")
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--reference", str(tmp_path / "ref"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as err:
+        run.main()
+    assert str(err.value) == f"{tmp_path / 'ref' / 'pool-train.jsonl'}: not found: draw it with --regenerate pool-train"

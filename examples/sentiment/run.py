@@ -280,13 +280,16 @@ def main() -> None:
         phases[name] = round(time.perf_counter() - since, 1)
         return time.perf_counter()
 
+    reference = Path(args.reference)
     if args.regenerate is not None:
-        regenerate(args.cache_dir, args.regenerate or sorted(POOL_SETS), Path(args.reference))
+        regenerate(args.cache_dir, args.regenerate or sorted(POOL_SETS), reference)
+    for name in POOL_SETS:
+        if not (reference / f"{name}.jsonl").is_file():
+            raise SystemExit(f"{reference / (name + '.jsonl')}: not found: draw it with --regenerate {name}")
     t = time.perf_counter()
     task = sentiment_task(args.cache_dir, 75, 20, MAX_NEW_TOKENS, precision="fp32")  # as the reference samples
     pool = prompt_pool()
     train_prompts, eval_prompts = pool.train[: plan.train_prompts], pool.heldout[: plan.eval_prompts]
-    reference = Path(args.reference)
     train_rows, heldout_rows = read_set("pool-train", reference), read_set("pool-heldout", reference)
     for name, rows, need in (("pool-train", train_rows, plan.train_prompts),
                              ("pool-heldout", heldout_rows, plan.eval_prompts)):
