@@ -1,4 +1,5 @@
-"""Command line: ``dpokit sft | dpo | online | rl | eval | pairs | generate | merge | data check | losses | demo``.
+"""Command line: ``dpokit sft | dpo | rm | online | rl | eval | score | frontier | pairs | generate | merge | data
+check | losses | demo``.
 
 Thin by design: parse, build the config, call one function (``COMMANDS``). Every config key is a flag
 (``--train.lr 1e-5``) and a ``key=value`` override (``train.lr=1e-5``); the common ones have
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = sub.add_parser("dpo", help="train with DPO (or another preference loss) against a frozen reference",
                          allow_abbrev=False)
     _add_config_args(dpo, STAGE_DEFAULTS["dpo"])
+    rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs", allow_abbrev=False)
+    _add_config_args(rm, STAGE_DEFAULTS["rm"])
 
     from dpokit import cli_onpolicy as onpolicy
 
@@ -148,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_args(ev)
     _add_sampling_args(ev, num_samples=4)
     ev.add_argument("--out", default=None, help="directory for eval_report.json, per_example.jsonl, samples.jsonl")
+
+    from dpokit.eval.frontier import add_frontier_arguments
+    from dpokit.eval.implicit import add_score_arguments
+
+    add_score_arguments(sub.add_parser("score", help="score (prompt, completion) records with a DPO model's implicit "
+                                       "reward beta*log(pi/pi_ref)", allow_abbrev=False))
+    frontier = sub.add_parser("frontier", help="reward and KL at every snapshot of runs (a reward-KL frontier)",
+                              allow_abbrev=False)
+    add_frontier_arguments(frontier)
+    _add_judge_args(frontier)
 
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample n per prompt, rank with a judge",
                            allow_abbrev=False)
@@ -217,7 +230,8 @@ def _chat_prompts(prompts: list[str], args: argparse.Namespace, tokenizer: Any) 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge (one of)")
-    g.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function f(prompt, completion) -> float")
+    g.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="reward function f(prompt, completion) -> float; or implicit:RUN, a DPO run's implicit reward")
     g.add_argument("--judge-rm", metavar="PATH", help="Hugging Face sequence-classification reward model")
     g.add_argument("--judge-openai", metavar="BASE_URL",
                    help="OpenAI-compatible endpoint (pairwise, both orders; key from $OPENAI_API_KEY)")
@@ -233,10 +247,14 @@ def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
     chosen = [x for x in (args.judge, args.judge_rm, args.judge_openai) if x]
     if len(chosen) > 1:
         raise ConfigError("give one judge: --judge, --judge-rm or --judge-openai")
+    if args.judge and args.judge.startswith("implicit:"):
+        from dpokit.eval.implicit import ImplicitRewardJudge
+
+        return ImplicitRewardJudge.load(args.judge, chat=getattr(args, "chat", False)), None
     if args.judge:
         return FunctionJudge.load(args.judge), None
     if args.judge_rm:
-        return RewardModelJudge(args.judge_rm), None
+        return RewardModelJudge(args.judge_rm, chat=getattr(args, "chat", False)), None
     if args.judge_openai:
         if not (0 <= args.judge_max_invalid <= 1 and args.judge_timeout > 0):
             raise ConfigError("--judge-max-invalid must be in [0, 1] and --judge-timeout > 0")
@@ -251,6 +269,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {  # "_refused": keys (or sections) 
                                                         "data.eval_split", "train.distributed")},
     "rl": {"output_dir": "runs/rl", "train.ref_cache": False,
            "_refused": ("data.train_files", "data.eval_files", "data.split", "data.eval_split", "train.ref_cache")},
+    "rm": {"output_dir": "runs/rm"},
 }
 
 
@@ -325,6 +344,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config_from(args, STAGE_DEFAULTS[args.command])
     if args.command == "sft":
         from dpokit.train.sft import run_sft as run
+    elif args.command == "rm":
+        from dpokit.train.rm import run_rm as run
     else:
         from dpokit.train.dpo import run_dpo as run
     out = run(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend)
@@ -522,9 +543,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from dpokit.eval.implicit import score_command
+
+    return score_command(args)
+
+
+def _frontier(args: argparse.Namespace) -> int:
+    from dpokit.eval.frontier import frontier_command
+
+    return frontier_command(args, *_judges(args))
+
+
 COMMANDS = {
     "sft": _train, "dpo": _train, "demo": _demo, "generate": _generate, "data": _data_check, "eval": _eval,
     "merge": _merge, "pairs": _pairs, "losses": _losses, "report": _report, "online": _online, "rl": _rl,
+    "rm": _train, "score": _score, "frontier": _frontier,
 }
 
 

@@ -397,6 +397,8 @@ def _fit(job: Job) -> LoopResult:
                 raise TrainingInterrupted(signum, done, steps, save(done))
             if t.save_steps and (done % t.save_steps == 0 or done == steps):
                 save(done)  # checkpoints when asked (train.save_steps), and the last step with them
+            if t.snapshot_steps and done % t.snapshot_steps == 0 and done < steps:  # weights alone, kept
+                ckpt.save_snapshot(run_dir / "snapshots" / f"step-{done}", model, job.tokenizer, done, place)
     if steps > start and applied == 0:
         raise NonFiniteError(f"no update was applied: all {steps - start} steps had a NaN/inf loss or gradient; "
                              "nothing was saved. Check the data and lower train.lr.")
