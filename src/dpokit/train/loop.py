@@ -454,8 +454,9 @@ def run(job: Job) -> Path:
 
 
 def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None, overwrite: bool = False,
-              extend: bool = False) -> Path:
-    """Build a stage's Job and run it; a run that fails before its first step leaves no directory it made."""
+              extend: bool = False, then: Callable[[Job, LoopResult, Path], None] | None = None) -> Path:
+    """Build a stage's Job and run it; a run that fails before its first step leaves no directory it made.
+    ``then(job, result, final)`` runs after the export (a stage's own model card)."""
     try:
         try:
             job = build(cfg, resume, overwrite=overwrite, extend=extend)
@@ -463,7 +464,11 @@ def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None,
             if int(os.environ.get("RANK", "0")) == 0:
                 discard_unstarted(Path(cfg.output_dir))
             raise
-        return run(job)
+        result = fit(job)
+        final = finish(job, result)
+        if then is not None:
+            then(job, result, final)
+        return final
     finally:
         release_run_dir(Path(cfg.output_dir))
 

@@ -232,14 +232,15 @@ def record_settings(run_dir: Path, settings: Any, resuming: bool, name: str) -> 
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def build_rl(cfg: Config, resume: str | None = None, overwrite: bool = False, *, settings: RLSettings,
+def build_rl(cfg: Config, resume: str | None = None, overwrite: bool = False, extend: bool = False, *,
+             settings: RLSettings,
              judge: RewardJudge, model: Any = None, tokenizer: Any = None) -> Job:
     """Everything an RLOO run needs, ready for ``dpokit.train.loop.fit``."""
     settings.check()
     check_rl_config(cfg)
     cfg = copy.deepcopy(cfg)
     cfg.train.ref_cache = False  # fresh samples every step: the reference runs on them
-    session = open_session(cfg, resume, "rl", overwrite)
+    session = open_session(cfg, resume, "rl", overwrite, extend)
     place, t = session.dist, cfg.train
     if place.main:
         record_settings(session.run_dir, settings, session.resume_from is not None, SETTINGS_FILE)

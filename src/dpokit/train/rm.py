@@ -34,7 +34,7 @@ from dpokit.models import load_tokenizer
 from dpokit.reward_model import RewardScores, load_reward_model, reward_row
 from dpokit.safety import redact
 from dpokit.train.build import load_stage_items
-from dpokit.train.loop import Job, finish, fit, step_order
+from dpokit.train.loop import Job, run_stage, step_order
 from dpokit.train.recipes import Batch, Logs, Recipe, _sum
 from dpokit.train.rundir import open_session
 
@@ -89,11 +89,12 @@ def reward_module(cfg: Config, model: Any, place: Dist = ONE) -> torch.nn.Module
     return module
 
 
-def build_rm(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None) -> Job:
+def build_rm(cfg: Config, resume: str | None = None, model: Any = None, tokenizer: Any = None,
+             overwrite: bool = False, extend: bool = False) -> Job:
     """Everything a reward-model run needs, ready for ``dpokit.train.loop.fit``."""
     if cfg.model.lora_r:
         raise ConfigError("model.lora_r: `dpokit rm` trains all weights (LoRA for reward models is not supported)")
-    session = open_session(cfg, resume, "rm")
+    session = open_session(cfg, resume, "rm", overwrite, extend)
     place, t = session.dist, cfg.train
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     items = load_stage_items(cfg, "paired", cfg.data.train_files, tokenizer, "train", session.run_dir, place)
@@ -133,15 +134,15 @@ Last logged metrics: `{shown}`
 """
 
 
-def run_rm(cfg: Config, resume: str | None = None) -> Path:
+def run_rm(cfg: Config, resume: str | None = None, overwrite: bool = False, extend: bool = False) -> Path:
     """Train a reward model; returns the ``final/`` directory (its model card says what it is)."""
-    job = build_rm(cfg, resume)
-    result = fit(job)
-    final = finish(job, result)
-    if job.session.dist.main:  # the held-out metrics finish() logged are the last line of metrics.jsonl
-        metrics = dict(result.last_metrics)
-        lines = (job.session.run_dir / "metrics.jsonl").read_text().splitlines()
-        if job.eval_items and lines:
-            metrics.update({k: v for k, v in json.loads(lines[-1]).items() if k.startswith("eval/")})
-        (final / "README.md").write_text(redact(reward_card(job.session.cfg, metrics, job.lr)))
-    return final
+
+    def card(job: Job, result: Any, final: Path) -> None:
+        if job.session.dist.main:  # the held-out metrics finish() logged are the last line of metrics.jsonl
+            metrics = dict(result.last_metrics)
+            lines = (job.session.run_dir / "metrics.jsonl").read_text().splitlines()
+            if job.eval_items and lines:
+                metrics.update({k: v for k, v in json.loads(lines[-1]).items() if k.startswith("eval/")})
+            (final / "README.md").write_text(redact(reward_card(job.session.cfg, metrics, job.lr)))
+
+    return run_stage(build_rm, cfg, resume, overwrite, extend, then=card)
