@@ -121,3 +121,17 @@ def test_rm_refuses_keys_it_would_ignore(tmp_path, tiny_model_dir, pairs_file, c
     assert run_cli("rm", "--model", tiny_model_dir, "--data", pairs_file, "--output-dir", tmp_path / "r",
                    "--max-steps", 1, *bad) == 2
     assert message in capsys.readouterr().err
+
+
+def test_rm_is_a_training_stage_like_the_others(tmp_path, tiny_model_dir, pairs_file, capsys):
+    """--overwrite replaces a finished run, a second plain run into it is refused, and a run that fails before
+    its first step leaves no directory (the same guarded path as sft and dpo)."""
+    run = tmp_path / "r"
+    common = ["rm", "--model", tiny_model_dir, "--data", pairs_file, "--output-dir", run, "--max-steps", "1",
+              "train.batch_size=4"]
+    assert run_cli(*common) == 0
+    assert run_cli(*common) != 0 and "holds a previous run" in capsys.readouterr().err
+    assert run_cli(*common, "--overwrite") == 0 and (run / "final" / "README.md").is_file()
+    missing = tmp_path / "never"
+    assert run_cli("rm", "--model", tiny_model_dir, "--data", tmp_path / "absent.jsonl", "--output-dir", missing) != 0
+    assert not missing.exists()
