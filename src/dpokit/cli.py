@@ -225,7 +225,14 @@ def _chat_prompts(prompts: list[str], args: argparse.Namespace, tokenizer: Any) 
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--chat: the tokenizer of {args.model} has no chat template; use --no-chat")
     log.info("prompts %s", "wrapped as user messages in the chat template" if chat else "used as plain text")
+    args.chat = chat  # resolved: judges that tokenize (implicit, reward model) read the samples the same way
     return [[{"role": "user", "content": p}] for p in prompts] if chat else list(prompts)
+
+
+def _judge_reads_chat(judge: Any, chat: bool) -> None:
+    """A judge that tokenizes prompt and completion itself reads them as the samples were drawn (--chat or not)."""
+    if judge is not None and hasattr(judge, "chat"):
+        judge.chat = chat
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
@@ -447,6 +454,7 @@ def _eval(args: argparse.Namespace) -> int:
                                                 device=device, precision=precision, out=out)
     if args.prompts:
         prompts = _chat_prompts(texts, args, tok)
+        _judge_reads_chat(judge, args.chat)
         report["generation"] = generation_eval(
             policy, reference, tok, prompts, judge=judge, pairwise=pairwise, n=args.num_samples,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, device=device,
@@ -488,6 +496,7 @@ def _pairs(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model)
     model = load_model(args.model).to(device).eval()
     prompts = _chat_prompts(texts, args, tok)
+    _judge_reads_chat(judge, args.chat)
     result = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=mode, pairing=pairing,
                         pairwise=pairwise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         seed=args.seed, device=device, precision=resolve_precision("auto", device),
