@@ -36,6 +36,11 @@ CASES = {
     "fsdp-lora": ["train.distributed=fsdp", "model.lora_r=4", "train.lr=1e-2"],
 }
 
+RM_CASES = {  # dpokit rm: the RewardScores module in each engine
+    "rm-ddp": ["train.distributed=ddp", "train.layout=padded"],
+    "rm-fsdp": ["train.distributed=fsdp", "train.layout=shared_prompt"],
+}
+
 
 def _args(name: str, model: Path, data: Path, out: Path, extra: list[str], stage: str = "dpo") -> list[str]:
     return [stage, "--model", str(model), "--data", str(data), "--output-dir", str(out / name), *COMMON, *extra]
@@ -60,6 +65,8 @@ def launch(tmp_path_factory, tiny_model_dir):
                   "train.distributed=ddp"]},
         {"argv": _args("sft-fsdp", tiny_model_dir, data, out, ["train.distributed=fsdp", "train.lr=1e-3"], "sft")},
         {"argv": _args("kto-ddp", tiny_model_dir, data, out, ["train.distributed=ddp", "--loss", "kto"])},
+        {"argv": _args("rm-ddp", tiny_model_dir, data, out, RM_CASES["rm-ddp"], "rm")},
+        {"argv": _args("rm-fsdp", tiny_model_dir, data, out, RM_CASES["rm-fsdp"], "rm")},
         # resume: a 4-step run saving at step 2, then the same run stopped at step 2 resumed under each engine
         {"argv": _args("resume-src", tiny_model_dir, data, out, ["train.distributed=ddp", "--save-steps", "2",
                                                                  "--max-steps", "4"])},
@@ -143,6 +150,15 @@ def test_sft_under_fsdp_equals_one_process(launch, tiny_model_dir, tmp_path):
     assert run_cli(*_args("sft-fsdp", tiny_model_dir, data, tmp_path, ["train.lr=1e-3"], "sft")) == 0
     _same_metrics(read_metrics(out / "sft-fsdp"), read_metrics(tmp_path / "sft-fsdp"))
     _same_weights(out / "sft-fsdp" / "final" / "model.safetensors", tmp_path / "sft-fsdp" / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", sorted(RM_CASES))
+def test_reward_model_under_torchrun_equals_one_process(name, launch, tiny_model_dir, tmp_path):
+    out, data, _ = launch
+    assert _exit_codes(out / name) == ["0", "0"]
+    assert run_cli(*_args(name, tiny_model_dir, data, tmp_path, _one_process(RM_CASES[name]), "rm")) == 0
+    _same_metrics(read_metrics(out / name), read_metrics(tmp_path / name))
+    _same_weights(_final_weights(out / name), _final_weights(tmp_path / name))
 
 
 def test_kto_runs_under_ddp(launch):

@@ -111,6 +111,21 @@ def test_checkpoint_and_nonfinite_keys(tmp_path):
     assert res.history[-1]["nonfinite_skipped"] == 1
 
 
+@covers("train.snapshot_steps")
+def test_snapshot_steps_writes_weights_that_are_never_pruned(tmp_path, tiny_model_dir, pairs_file):
+    from conftest import run_cli
+
+    def run(name, *extra):
+        assert run_cli("dpo", "--model", tiny_model_dir, "--data", pairs_file, "--output-dir", tmp_path / name,
+                       "--max-steps", 3, "train.batch_size=4", "precision=fp32", *extra) == 0
+        return tmp_path / name
+
+    snaps = run("a", "train.snapshot_steps=1", "train.keep_last=1") / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-1", "step-2"]  # step 3 is final/
+    assert (snaps / "step-1" / "config.json").is_file() and (snaps / "step-1" / "model.safetensors").is_file()
+    assert not (run("b") / "snapshots").exists()
+
+
 # -------------------------------------------------------------------------------- data keys
 @covers("data.max_length", "data.max_prompt_length", "data.prompt_truncation")
 def test_truncation_keys(tokenizer, tmp_path):

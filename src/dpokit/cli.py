@@ -1,4 +1,5 @@
-"""Command line: ``dpokit sft | dpo | eval | pairs | generate | merge | data check | losses | demo``.
+"""Command line: ``dpokit sft | dpo | rm | online | rl | eval | score | frontier | pairs | generate | merge | data
+check | losses | demo``.
 
 Thin by design: parse, build the config, call one function (``COMMANDS``). Every config key is a flag
 (``--train.lr 1e-5``) and a ``key=value`` override (``train.lr=1e-5``); the common ones have
@@ -104,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = sub.add_parser("dpo", help="train with DPO (or another preference loss) against a frozen reference",
                          allow_abbrev=False)
     _add_config_args(dpo, STAGE_DEFAULTS["dpo"])
+    rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on preference pairs", allow_abbrev=False)
+    _add_config_args(rm, STAGE_DEFAULTS["rm"])
+
+    from dpokit import cli_onpolicy as onpolicy
+
+    online = sub.add_parser("online", help="online/iterative DPO: rounds of sample, judge, pair, DPO, evaluate",
+                            allow_abbrev=False)
+    _add_config_args(online, STAGE_DEFAULTS["online"])
+    onpolicy.add_online_args(online)
+    rl = sub.add_parser("rl", help="RLOO: REINFORCE with a leave-one-out baseline, maximizing E[r] - beta KL",
+                        allow_abbrev=False)
+    _add_config_args(rl, STAGE_DEFAULTS["rl"])
+    onpolicy.add_rl_args(rl)
 
     demo = sub.add_parser("demo", help="controlled-sentiment DPO on the embedded SmolLM2-135M-Instruct",
                           allow_abbrev=False)
@@ -138,14 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(ev, num_samples=4)
     ev.add_argument("--out", default=None, help="directory for eval_report.json, per_example.jsonl, samples.jsonl")
 
+    from dpokit.eval.frontier import add_frontier_arguments
+    from dpokit.eval.implicit import add_score_arguments
+
+    add_score_arguments(sub.add_parser("score", help="score (prompt, completion) records with a DPO model's implicit "
+                                       "reward beta*log(pi/pi_ref)", allow_abbrev=False))
+    frontier = sub.add_parser("frontier", help="reward and KL at every snapshot of runs (a reward-KL frontier)",
+                              allow_abbrev=False)
+    add_frontier_arguments(frontier)
+    _add_judge_args(frontier)
+
     pairs = sub.add_parser("pairs", help="on-policy preference pairs: sample n per prompt, rank with a judge",
                            allow_abbrev=False)
     pairs.add_argument("--model", required=True, help="model to sample from (usually the reference/SFT model)")
     pairs.add_argument("--prompts", required=True, help="prompts (text lines or JSONL with 'prompt')")
     _add_judge_args(pairs)
-    pairs.add_argument("--mode", choices=["best-worst", "all-pairs"], default="best-worst",
-                       help="best vs worst, or every ordered pair (default: best-worst)")
-    pairs.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: k-th best vs k-th worst, k <= this")
+    onpolicy.add_pairing_args(pairs)
     _add_sampling_args(pairs, num_samples=8, short_n=True)
     pairs.add_argument("--out", required=True, help="output .jsonl")
 
@@ -203,12 +225,20 @@ def _chat_prompts(prompts: list[str], args: argparse.Namespace, tokenizer: Any) 
     if chat and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--chat: the tokenizer of {args.model} has no chat template; use --no-chat")
     log.info("prompts %s", "wrapped as user messages in the chat template" if chat else "used as plain text")
+    args.chat = chat  # resolved: judges that tokenize (implicit, reward model) read the samples the same way
     return [[{"role": "user", "content": p}] for p in prompts] if chat else list(prompts)
+
+
+def _judge_reads_chat(judge: Any, chat: bool) -> None:
+    """A judge that tokenizes prompt and completion itself reads them as the samples were drawn (--chat or not)."""
+    if judge is not None and hasattr(judge, "chat"):
+        judge.chat = chat
 
 
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge (one of)")
-    g.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function f(prompt, completion) -> float")
+    g.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="reward function f(prompt, completion) -> float; or implicit:RUN, a DPO run's implicit reward")
     g.add_argument("--judge-rm", metavar="PATH", help="Hugging Face sequence-classification reward model")
     g.add_argument("--judge-openai", metavar="BASE_URL",
                    help="OpenAI-compatible endpoint (pairwise, both orders; key from $OPENAI_API_KEY)")
@@ -224,10 +254,14 @@ def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
     chosen = [x for x in (args.judge, args.judge_rm, args.judge_openai) if x]
     if len(chosen) > 1:
         raise ConfigError("give one judge: --judge, --judge-rm or --judge-openai")
+    if args.judge and args.judge.startswith("implicit:"):
+        from dpokit.eval.implicit import ImplicitRewardJudge
+
+        return ImplicitRewardJudge.load(args.judge, chat=getattr(args, "chat", False)), None
     if args.judge:
         return FunctionJudge.load(args.judge), None
     if args.judge_rm:
-        return RewardModelJudge(args.judge_rm), None
+        return RewardModelJudge(args.judge_rm, chat=getattr(args, "chat", False)), None
     if args.judge_openai:
         if not (0 <= args.judge_max_invalid <= 1 and args.judge_timeout > 0):
             raise ConfigError("--judge-max-invalid must be in [0, 1] and --judge-timeout > 0")
@@ -238,6 +272,11 @@ def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {  # "_refused": keys (or sections) the stage refuses: not in --help
     "sft": {"output_dir": "runs/sft", "_refused": ("loss", "model.ref_name_or_path", "train.ref_cache")},
     "dpo": {"output_dir": "runs/dpo"},
+    "online": {"output_dir": "runs/online", "_refused": ("data.train_files", "data.eval_files", "data.split",
+                                                        "data.eval_split", "train.distributed")},
+    "rl": {"output_dir": "runs/rl", "train.ref_cache": False,
+           "_refused": ("data.train_files", "data.eval_files", "data.split", "data.eval_split", "train.ref_cache")},
+    "rm": {"output_dir": "runs/rm"},
 }
 
 
@@ -312,6 +351,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config_from(args, STAGE_DEFAULTS[args.command])
     if args.command == "sft":
         from dpokit.train.sft import run_sft as run
+    elif args.command == "rm":
+        from dpokit.train.rm import run_rm as run
     else:
         from dpokit.train.dpo import run_dpo as run
     out = run(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend)
@@ -345,6 +386,18 @@ def _report(args: argparse.Namespace) -> int:
     from dpokit.report import report_command
 
     return report_command(args.runs, args.out)
+
+
+def _online(args: argparse.Namespace) -> int:
+    from dpokit.cli_onpolicy import online
+
+    return online(args)
+
+
+def _rl(args: argparse.Namespace) -> int:
+    from dpokit.cli_onpolicy import rl
+
+    return rl(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -401,6 +454,7 @@ def _eval(args: argparse.Namespace) -> int:
                                                 device=device, precision=precision, out=out)
     if args.prompts:
         prompts = _chat_prompts(texts, args, tok)
+        _judge_reads_chat(judge, args.chat)
         report["generation"] = generation_eval(
             policy, reference, tok, prompts, judge=judge, pairwise=pairwise, n=args.num_samples,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, device=device,
@@ -427,29 +481,35 @@ def _pairs(args: argparse.Namespace) -> int:
     _check_sampling(args)
     if args.num_samples < 2:
         raise ConfigError(f"-n/--num-samples must be >= 2 to make a pair, got {args.num_samples}")
-    if args.pairs_per_prompt < 1:
-        raise ConfigError(f"--pairs-per-prompt must be >= 1, got {args.pairs_per_prompt}")
     out = Path(args.out)
     if not out.parent.is_dir() or out.is_dir():
         raise ConfigError(f"--out {out}: " + ("a directory; give a .jsonl file name" if out.is_dir() else
                                               f"its directory {out.parent} does not exist"))
     texts = read_prompts(args.prompts)
     judge, pairwise = _judges(args)
-    if judge is None:
-        raise ConfigError("dpokit pairs ranks samples with a reward judge: --judge or --judge-rm")
+    if judge is None and pairwise is None:
+        raise ConfigError("dpokit pairs needs a judge: --judge, --judge-rm or --judge-openai")
+    from dpokit.cli_onpolicy import pairing_of
+
+    mode, pairing = pairing_of(args, pairwise)
     device = pick_device()
     tok = load_tokenizer(args.model)
     model = load_model(args.model).to(device).eval()
     prompts = _chat_prompts(texts, args, tok)
-    records, skipped = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=args.mode,
-                                  pairs_per_prompt=args.pairs_per_prompt, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, seed=args.seed, device=device,
-                                  precision=resolve_precision("auto", device))
+    _judge_reads_chat(judge, args.chat)
+    result = make_pairs(model, tok, prompts, judge, n=args.num_samples, mode=mode, pairing=pairing,
+                        pairwise=pairwise, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        seed=args.seed, device=device, precision=resolve_precision("auto", device),
+                        max_invalid=args.judge_max_invalid,
+                        log_path=out.with_name(out.name + ".judgements.jsonl") if pairwise is not None else None)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
     os.replace(tmp, out)
-    print(f"{len(records)} pairs from {len(prompts)} prompts written to {out} "
-          f"({skipped} prompts skipped: all their samples tied)")
+    why = ", ".join(f"{n} {k}" for k, n in sorted(result.dropped.items()))
+    print(f"{len(result.records)} pairs from {len(prompts)} prompts written to {out} "
+          f"({result.prompts_without_pair} prompts made no pair: all their samples tied or were left out"
+          + (f"; candidate pairs left out: {why}" if why else "")
+          + (f"; {result.comparisons} pairwise comparisons" if pairwise is not None else "") + ")")
     return 0
 
 
@@ -492,9 +552,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from dpokit.eval.implicit import score_command
+
+    return score_command(args)
+
+
+def _frontier(args: argparse.Namespace) -> int:
+    from dpokit.eval.frontier import frontier_command
+
+    return frontier_command(args, *_judges(args))
+
+
 COMMANDS = {
     "sft": _train, "dpo": _train, "demo": _demo, "generate": _generate, "data": _data_check, "eval": _eval,
-    "merge": _merge, "pairs": _pairs, "losses": _losses, "report": _report,
+    "merge": _merge, "pairs": _pairs, "losses": _losses, "report": _report, "online": _online, "rl": _rl,
+    "rm": _train, "score": _score, "frontier": _frontier,
 }
 
 

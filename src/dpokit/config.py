@@ -116,6 +116,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
     save_steps: int = _f(0, "write a resumable checkpoint every N steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints kept on disk (the newest)")
+    snapshot_steps: int = _f(0, "every N steps write the model's weights alone to RUN/snapshots/step-N/ (a model "
+                             "directory, never pruned): points along training for `dpokit frontier` (0: none)")
     log_steps: int = _f(1, "write a metrics.jsonl line every N steps (averaged over them)")
     seed: int = _f(42, "seed for data order, initialisation and sampling")
     max_nonfinite: int = _f(3, "updates with a NaN/inf loss or gradient skipped (and counted) before the run stops")
@@ -230,8 +232,9 @@ class Config:
             raise ConfigError(f"train.lr must be > 0, got {t.lr}")
         if not 0 <= t.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-        if t.save_steps < 0 or t.max_grad_norm < 0 or t.weight_decay < 0:
-            raise ConfigError("train.save_steps, train.max_grad_norm and train.weight_decay must be >= 0")
+        if t.save_steps < 0 or t.max_grad_norm < 0 or t.weight_decay < 0 or t.snapshot_steps < 0:
+            raise ConfigError("train.save_steps, train.snapshot_steps, train.max_grad_norm and train.weight_decay "
+                              "must be >= 0")
         for key in ("train.adam_beta1", "train.adam_beta2"):
             if not 0 <= get_key(self, key) < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {get_key(self, key)}")
@@ -280,16 +283,16 @@ class Config:
                                   "(it selects a split of a hub dataset or a save_to_disk DatasetDict folder)")
         if d.eval_split is not None and not d.eval_files:
             raise ConfigError("data.eval_split has no effect without data.eval_files (--eval-data)")
-        if stage == "sft":
+        if stage in ("sft", "rm"):
             default = LossConfig()
             for f in dataclasses.fields(LossConfig):
                 if getattr(lo, f.name) != getattr(default, f.name):
-                    raise ConfigError(f"loss.{f.name}={getattr(lo, f.name)!r} has no effect on `dpokit sft` "
+                    raise ConfigError(f"loss.{f.name}={getattr(lo, f.name)!r} has no effect on `dpokit {stage}` "
                                       "(no preference loss)")
             for key in ("model.ref_name_or_path", "train.ref_cache"):
                 if get_key(self, key) is not None:
-                    raise ConfigError(f"{key} has no effect on `dpokit sft` (no reference)")
-            if d.eval_files:
+                    raise ConfigError(f"{key} has no effect on `dpokit {stage}` (no reference)")
+            if stage == "sft" and d.eval_files:
                 raise ConfigError("data.eval_files has no effect on `dpokit sft` (no held-out evaluation there); "
                                   "evaluate the result with `dpokit eval`")
             return self

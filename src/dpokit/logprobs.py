@@ -113,9 +113,12 @@ class LogProbs(torch.nn.Module):
 
 
 def unwrap(module: torch.nn.Module) -> Any:
-    """The model a training step updates: inside a LogProbs module, whatever wraps it (DDP, torch.compile), the
-    Hugging Face model; any other module (a toy model in a test of the loop) is its own model."""
-    while not isinstance(module, LogProbs):
+    """The model a training step updates: inside a LogProbs (or a reward model's RewardScores) module, whatever wraps
+    it (DDP, torch.compile), the Hugging Face model; any other module (a toy model in a test of the loop) is its own
+    model."""
+    from dpokit.reward_model import RewardScores
+
+    while not isinstance(module, (LogProbs, RewardScores)):
         inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
             return module

@@ -16,11 +16,13 @@ weights", "Writing model shards", ...), so they never interleave with dpokit's o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -53,8 +55,12 @@ class Progress:
         self._thread: threading.Thread | None = None
         self.last = self.t0
 
+    _silenced = 0  # > 0 inside ``silenced()``: phases started there show nothing
+
     def __enter__(self) -> Progress:
         self.t0 = self.last = time.perf_counter()
+        if Progress._silenced:
+            self.enabled = False
         if not self.enabled:
             return self
         if sys.stderr.isatty():
@@ -124,6 +130,17 @@ class Progress:
 
     def _done_line(self) -> str:
         return f"done, {self.status()}"
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Phases started inside show no bar and log no line: short phases that repeat inside one that reports
+    (sampling and judging inside every step of ``dpokit rl``)."""
+    Progress._silenced += 1
+    try:
+        yield
+    finally:
+        Progress._silenced -= 1
 
 
 class Heartbeat(Progress):

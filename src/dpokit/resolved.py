@@ -30,6 +30,8 @@ def stage_default_lr(stage: str) -> float | None:
         from dpokit.train.sft import DEFAULT_LR
     elif stage == "dpo":
         from dpokit.train.dpo import DEFAULT_LR
+    elif stage == "rl":
+        from dpokit.train.rl import DEFAULT_LR
     else:
         return None
     return DEFAULT_LR

@@ -30,6 +30,15 @@ from dpokit.data.collate import layout, pair_sequences
 from dpokit.data.formats import DataError, Text, load_preferences, parse_json
 from dpokit.data.tokenize import TokenizeReport, tokenize_pair
 from dpokit.eval.judges import JudgeError, PairwiseJudge, RewardJudge, RewardPairwise
+from dpokit.eval.pairing import (
+    Pairing,
+    PairingResult,
+    check_pairwise_mode,
+    make_pairing,
+    pair_judged,
+    pair_scored,
+    prompt_text,
+)
 from dpokit.eval.sampling import Sample, kl_from_logps, sample, score
 from dpokit.eval.stats import mean_stderr, win_rate
 from dpokit.logprobs import LogProbs
@@ -232,34 +241,26 @@ def policy_kl(policy: Any, reference: Any, samples: Sequence[Sample], pad_id: in
 def build_pairs(samples: Sequence[Sample], scores: Sequence[float], prompts: Sequence[Text],
                 mode: str = "best-worst", pairs_per_prompt: int = 1) -> tuple[list[dict[str, Any]], int]:
     """Rank each prompt's samples by score; 'best-worst' pairs the k-th best with the k-th worst,
-    'all-pairs' every strictly ordered pair. A prompt whose samples all tie yields nothing and is counted."""
-    by_prompt: dict[int, list[tuple[float, str]]] = {}
-    for s, sc in zip(samples, scores):
-        by_prompt.setdefault(s.prompt_index, []).append((sc, s.text))
-    records, skipped = [], 0
-    for i, items in sorted(by_prompt.items()):
-        ranked = sorted(items, key=lambda x: -x[0])
-        if mode == "all-pairs":
-            cand = [(ranked[a], ranked[b]) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
-        else:
-            cand = [(ranked[k], ranked[-1 - k]) for k in range(min(pairs_per_prompt, len(ranked) // 2))]
-        made = 0
-        for (hi, chosen), (lo, rejected) in cand:
-            if hi > lo and chosen.strip() and rejected.strip() and chosen != rejected:
-                records.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected,
-                                "chosen_score": hi, "rejected_score": lo})
-                made += 1
-        skipped += made == 0
-    return records, skipped
+    'all-pairs' every strictly ordered pair. A prompt whose samples all tie yields nothing and is counted.
+    (The deterministic modes of ``dpokit.eval.pairing``; ``pair_scored`` takes every mode.)"""
+    result = pair_scored(samples, scores, prompts, make_pairing(mode, pairs_per_prompt=pairs_per_prompt))
+    return result.records, result.prompts_without_pair
 
 
-def make_pairs(model: Any, tokenizer: Any, prompts: Sequence[Text], judge: RewardJudge, *, n: int = 8,
-               mode: str = "best-worst", pairs_per_prompt: int = 1, max_new_tokens: int = 64,
+def make_pairs(model: Any, tokenizer: Any, prompts: Sequence[Text], judge: RewardJudge | None = None, *,
+               n: int = 8, mode: str = "best-worst", pairs_per_prompt: int = 1, max_new_tokens: int = 64,
                temperature: float = 1.0, seed: int = 0, device: torch.device | None = None,
-               precision: str = "fp32") -> tuple[list[dict[str, Any]], int]:
-    """On-policy preference pairs: n samples per prompt from ``model``, ranked by ``judge``."""
+               precision: str = "fp32", pairing: Pairing | None = None, pairwise: PairwiseJudge | None = None,
+               max_invalid: float = 0.1, log_path: Path | None = None) -> PairingResult:
+    """On-policy preference pairs: n samples per prompt from ``model``, paired by ``pairing`` (default: ``mode``)
+    under a reward ``judge``, or labelled directly by a ``pairwise`` judge (``pairing.pair_judged``)."""
     samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                      seed=seed, device=device, precision=precision, what="sampling for pairs")
-    texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-    scores = judge.score([texts[s.prompt_index] for s in samples], [s.text for s in samples])
-    return build_pairs(samples, scores, prompts, mode, pairs_per_prompt)
+    if pairwise is not None:
+        return pair_judged(samples, prompts, pairwise, check_pairwise_mode(mode, n), max_invalid=max_invalid,
+                           log_path=log_path)
+    if judge is None:
+        raise ValueError("make_pairs needs a reward judge or a pairwise judge")
+    scores = judge.score([prompt_text(prompts[s.prompt_index]) for s in samples], [s.text for s in samples])
+    pairing = pairing or make_pairing(mode, pairs_per_prompt=pairs_per_prompt)
+    return pair_scored(samples, scores, prompts, pairing, seed=seed)

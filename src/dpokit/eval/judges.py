@@ -110,8 +110,19 @@ def _import(module: str, cwd: str) -> Any:
 
 @dataclass
 class RewardModelJudge:
+    """A sequence-classification reward model; the score is ``logits[:, 0]`` at the last non-pad token.
+
+    A reward model trained by ``dpokit rm`` (its config.json has ``dpokit_reward_model``) scores (prompt,
+    completion) tokenized as its training data was: jointly, EOS appended; the prompt as plain text, or with
+    ``chat=True`` as a user turn and the completion as the assistant's (``--chat``). Any other reward model
+    reads ``prompt + completion`` through its chat template when its tokenizer has one (as a user and an
+    assistant message), else as plain text.
+    """
+
     path: str
     batch_size: int = 16
+    chat: bool = False
+    max_length: int = 1024
     _model: Any = None
     _tok: Any = None
 
@@ -134,24 +145,50 @@ class RewardModelJudge:
         if self._model.config.pad_token_id is None:
             self._model.config.pad_token_id = self._tok.pad_token_id
 
+    @property
+    def trained_by_dpokit(self) -> bool:
+        return getattr(self._model.config, "dpokit_reward_model", None) is not None
+
     def _text(self, prompt: str, completion: str) -> str:
         if self._tok.chat_template:
             msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             return self._tok.apply_chat_template(msgs, tokenize=False)
         return prompt + completion
 
+    def _ids(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[int]]:
+        if not self.trained_by_dpokit:
+            texts = [self._text(p, c) for p, c in zip(prompts, completions)]
+            return [list(x) for x in self._tok(texts, truncation=True)["input_ids"]]
+        from dpokit.data.formats import SFTExample
+        from dpokit.data.tokenize import tokenize_sft
+
+        out = []
+        for p, c in zip(prompts, completions):
+            ex = SFTExample([{"role": "user", "content": p}], [{"role": "assistant", "content": c}]) if self.chat \
+                else SFTExample(p, c)
+            item = tokenize_sft(self._tok, ex, max_length=self.max_length, max_prompt_length=self.max_length // 2)
+            out.append(item.prompt_ids + item.completion_ids)
+        return out
+
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         import torch
 
         out: list[float] = []
-        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
-        with Progress(f"judging with the reward model {self.path}", total=len(texts), unit="sample") as bar:
-            for i in range(0, len(texts), self.batch_size):
-                enc = self._tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True)
+        ids = self._ids(prompts, completions)
+        pad = self._model.config.pad_token_id
+        with Progress(f"judging with the reward model {self.path}", total=len(ids), unit="sample") as bar:
+            for i in range(0, len(ids), self.batch_size):
+                chunk = ids[i : i + self.batch_size]
+                width = max(len(x) for x in chunk)
+                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(input_ids)
+                for r, x in enumerate(chunk):  # right padding: the model reads its last non-pad token
+                    input_ids[r, : len(x)] = torch.tensor(x)
+                    mask[r, : len(x)] = 1
                 with torch.no_grad():
-                    logits = self._model(**enc).logits.float()
+                    logits = self._model(input_ids=input_ids, attention_mask=mask).logits.float()
                 out += logits[:, -1].tolist()
-                bar.update(len(enc["input_ids"]))
+                bar.update(len(chunk))
         return out
 
 

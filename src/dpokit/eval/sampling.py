@@ -44,11 +44,22 @@ def sample(
 ) -> list[Sample]:
     """n samples per prompt (prompt-major order); greedy when temperature == 0. Progress (``what``) counts
     samples."""
+    return sample_ids(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], n=n,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      batch_size=batch_size, device=device, precision=precision, what=what)
+
+
+@torch.no_grad()
+def sample_ids(
+    model: Any, tokenizer: Any, encoded: Sequence[list[int]], *, n: int = 1, max_new_tokens: int = 64,
+    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
+    device: torch.device | None = None, precision: str = "fp32", what: str = "sampling",
+) -> list[Sample]:
+    """As ``sample``, from prompts already encoded (``prompt_ids``): the same samples for the same ids."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    jobs = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
+    jobs = [(i, list(ids)) for i, ids in enumerate(encoded) for _ in range(n)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[Sample] = []
     with Progress(what, total=len(jobs), unit="sample") as bar:

@@ -118,6 +118,58 @@ def frontier_dominance(method_points: Sequence[tuple[str, float, float]],
 
 
 # --------------------------------------------------------------- Best-of-N over K empirical samples, with ties
+def best_of_n_by(selection: Sequence[float], values: Sequence[float], n: int) -> float:
+    """Unbiased E[value of the sample Best-of-n picks by ``selection``] from K >= n samples of one prompt.
+
+    Best-of-n draws n of the K samples without replacement and returns the one with the highest selection score
+    (a learned reward, an implicit reward), ties broken uniformly; it is judged by ``values`` (the true reward).
+    With the distinct selection scores s_1 < ... < s_m held by c_j samples and C_j = c_1 + ... + c_j, the best
+    score is s_j with probability (C(C_j, n) - C(C_{j-1}, n)) / C(K, n), and then each of its c_j samples is the
+    one returned with equal probability: E = sum_j P_j mean(values of group j). With selection = values this is
+    ``expected_best_of_n``.
+    """
+    k = len(selection)
+    if len(values) != k:
+        raise ValueError(f"{k} selection scores but {len(values)} values")
+    if not 1 <= n <= k:
+        raise ValueError(f"best-of-{n} needs at least {n} samples, got {k}")
+    groups: dict[float, list[float]] = {}
+    for s, v in zip(selection, values):
+        groups.setdefault(float(s), []).append(float(v))
+    total, below, out = math.comb(k, n), 0, 0.0
+    for s in sorted(groups):
+        vs = groups[s]
+        mass = math.comb(below + len(vs), n) - math.comb(below, n)
+        out += mass / total * (sum(vs) / len(vs))
+        below += len(vs)
+    return out
+
+
+def ranks(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    a = np.asarray(x, dtype=np.float64)
+    order = np.argsort(a, kind="mergesort")
+    r = np.empty(a.size)
+    i = 0
+    while i < a.size:
+        j = i
+        while j + 1 < a.size and a[order[j + 1]] == a[order[i]]:
+            j += 1
+        r[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (average ranks for ties)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two sequences of the same length >= 2")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom else float("nan")
+
+
 def _tie_groups(rewards: Sequence[float]) -> tuple[list[float], list[int]]:
     """Distinct values in ascending order and how many samples hold each."""
     values: list[float] = []

@@ -323,7 +323,8 @@ def export_final(out: Path, model: Any, tokenizer: Any, card: str, place: Dist =
                 if key in config:
                     config[key] = "bfloat16"
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         _fsync_tree(tmp)
         if out.exists():
@@ -332,3 +333,11 @@ def export_final(out: Path, model: Any, tokenizer: Any, card: str, place: Dist =
         return out
 
     return on_main(write, place)
+
+
+def save_snapshot(out: Path, model: Any, tokenizer: Any, step: int, place: Dist = ONE) -> Path:
+    """``train.snapshot_steps``: the weights at ``step`` alone (no optimizer, scheduler or RNG state), as a model
+    directory like ``final/`` (``from_pretrained``-loadable, tokenizer included), written atomically and never
+    pruned: the points along training that a reward-KL frontier evaluates (``dpokit frontier``)."""
+    card = f"Weights after step {step} of the dpokit run in `{out.parent.parent}` (train.snapshot_steps).\n"
+    return export_final(out, model, tokenizer, card, place)

@@ -397,6 +397,8 @@ def _fit(job: Job) -> LoopResult:
                 raise TrainingInterrupted(signum, done, steps, save(done))
             if t.save_steps and (done % t.save_steps == 0 or done == steps):
                 save(done)  # checkpoints when asked (train.save_steps), and the last step with them
+            if t.snapshot_steps and done % t.snapshot_steps == 0 and done < steps:  # weights alone, kept
+                ckpt.save_snapshot(run_dir / "snapshots" / f"step-{done}", model, job.tokenizer, done, place)
     if steps > start and applied == 0:
         raise NonFiniteError(f"no update was applied: all {steps - start} steps had a NaN/inf loss or gradient; "
                              "nothing was saved. Check the data and lower train.lr.")
@@ -452,8 +454,9 @@ def run(job: Job) -> Path:
 
 
 def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None, overwrite: bool = False,
-              extend: bool = False) -> Path:
-    """Build a stage's Job and run it; a run that fails before its first step leaves no directory it made."""
+              extend: bool = False, then: Callable[[Job, LoopResult, Path], None] | None = None) -> Path:
+    """Build a stage's Job and run it; a run that fails before its first step leaves no directory it made.
+    ``then(job, result, final)`` runs after the export (a stage's own model card)."""
     try:
         try:
             job = build(cfg, resume, overwrite=overwrite, extend=extend)
@@ -461,7 +464,11 @@ def run_stage(build: Callable[..., Job], cfg: Config, resume: str | None = None,
             if int(os.environ.get("RANK", "0")) == 0:
                 discard_unstarted(Path(cfg.output_dir))
             raise
-        return run(job)
+        result = fit(job)
+        final = finish(job, result)
+        if then is not None:
+            then(job, result, final)
+        return final
     finally:
         release_run_dir(Path(cfg.output_dir))
 

@@ -94,7 +94,8 @@ MARKER = ".dpokit"  # in every run directory dpokit makes: {"created": true} whe
 LOCK = ".lock"
 # what a dpokit run writes into its directory: what --overwrite may replace (nothing else is ever removed)
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "data_report.json", "train.log", "run.json", "report.html",
-               "checkpoints", "final", "tensorboard", "wandb", "mlruns", "eval", MARKER)
+               "checkpoints", "final", "tensorboard", "wandb", "mlruns", "eval", MARKER,
+               "rounds", "online.json", "summary.md", "rl.json")  # dpokit online / rl
 _LOCKS: dict[str, Any] = {}  # run directory -> the open lock file, held until the process ends
 
 
@@ -258,7 +259,8 @@ class RunLog:
             session.run_dir, stage=session.stage, model=cfg.model.name_or_path,
             reference=cfg.model.ref_name_or_path or (None if session.stage == "sft" else cfg.model.name_or_path),
             data={"train": d.train_files, "eval": d.eval_files},
-            loss={"name": cfg.loss.name, "beta": cfg.loss.beta} if session.stage != "sft" else {"name": "sft"},
+            loss={"name": "rloo" if session.stage == "rl" else cfg.loss.name, "beta": cfg.loss.beta}
+            if session.stage != "sft" else {"name": "sft"},
             steps_total=steps_total, steps_done=start, status="running", device=str(session.device),
             precision=session.precision, layout=cfg.train.layout, world_size=session.dist.world)
         self.report = ReportWriter(session.run_dir)
