@@ -46,10 +46,11 @@ def resolve_run_config(cfg: Config, stage: str, precision: str) -> Config:
     return out
 
 
-def versions() -> dict[str, str]:
-    """Installed versions of the libraries that decide the numbers (absent ones left out)."""
+def versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Python and the installed versions of ``names`` (default: the libraries that decide the numbers; absent ones
+    left out)."""
     found = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

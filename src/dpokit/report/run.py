@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +41,9 @@ VERSIONED = ("dpokit", "torch", "transformers", "peft", "datasets", "accelerate"
 
 def library_versions() -> dict[str, str]:
     """Python and the installed versions of the libraries a run depends on (absent ones left out)."""
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    from dpokit.resolved import versions
+
+    return versions(VERSIONED)
 
 
 def atomic_write(path: Path, text: str) -> Path:
