@@ -121,7 +121,7 @@ def analyse(reference: Path = REFERENCE) -> dict:
     result["ceiling_curve"] = [{"beta": p.beta, "kl": p.kl, "reward": p.reward} for p in ceiling_curve(rewards, betas)]
 
     # the README's DPO/IPO points (only their means were kept: a point estimate, no standard error)
-    frontier = HERE / "results" / "full" / "frontier.json"
+    frontier = HERE / "results" / "earlier" / "frontier.json"  # the earlier set-up
     if frontier.is_file():
         pts = [p for p in json.loads(frontier.read_text())["points"] if p["method"] != "best-of-n"]
         result["readme_points_efficiency"] = [
