@@ -102,10 +102,12 @@ class Plan:
     n_boot: int = 2000  # bootstrap resamples of each point's efficiency
 
 
-FULL = Plan(525, 100, "bw8", (Variant("sigmoid", 0.1, 5e-6), Variant("sigmoid", 0.03, 5e-6),
-                              Variant("sigmoid", 0.5, 5e-6), Variant("ipo", 0.5, 5e-6)),
-            batch_size=8, snapshots=5, eval_samples=1, select_k=16, bon_ns=(1, 2, 4, 8, 16, 32, 64), rm_lr=1e-5,
-            rm_epochs=1.0, implicit_from="dpo-beta0.1-lr5e-06")
+# the full run: learning rate is what moves KL within one epoch (Adam normalizes the step; beta mostly decides
+# when a pair saturates), so one run at the paper-like 5e-6 and three at 2e-5 span the KL range; beta on a grid
+FULL = Plan(525, 100, "bw8", (Variant("sigmoid", 0.1, 5e-6), Variant("sigmoid", 0.1, 2e-5),
+                              Variant("sigmoid", 0.03, 2e-5), Variant("ipo", 0.5, 2e-5)),
+            batch_size=8, snapshots=4, eval_samples=2, select_k=16, bon_ns=(1, 2, 4, 8, 16, 32, 64), rm_lr=2e-5,
+            rm_epochs=2.0, implicit_from="dpo-beta0.1-lr2e-05")
 # --quick: 8 steps per run, at a learning rate 10x the full run's so that its points leave KL 0 (at 5e-6 they
 # stay below 0.01 nats): a smoke run of every piece, not the experiment
 QUICK = Plan(64, 20, "bw8", (Variant("sigmoid", 0.1, 5e-5), Variant("ipo", 0.5, 5e-5)), batch_size=8, snapshots=3,
