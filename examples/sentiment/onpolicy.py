@@ -55,6 +55,7 @@ from dpokit.eval.frontier import (  # noqa: E402
 )
 from dpokit.eval.pairing import RSO, BestWorst, pair_scored  # noqa: E402
 from dpokit.eval.sampling import Sample  # noqa: E402
+from dpokit.eval.stats import ceiling_at_beta  # noqa: E402
 from dpokit.train.rundir import setup_logging  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -247,6 +248,10 @@ def main() -> None:
     out = Path(args.out) / f"onpolicy-{name}"
     if args.replot:
         result = json.loads((out / "frontier.json").read_text())
+        if "pi_star" not in result:
+            heldout = by_prompt(read_set("pool-heldout", Path(args.reference)), "score", result["eval_prompts"])
+            result["pi_star"] = asdict(ceiling_at_beta(heldout, result["plan"]["beta"]))
+            (out / "frontier.json").write_text(json.dumps(result, indent=1))
         plot(result, out / "frontier.png")
         (out / "table.md").write_text(table(result))
         print(table(result))
@@ -274,6 +279,7 @@ def main() -> None:
         "eval_prompts": plan.eval_prompts, "reference_samples_per_prompt": len(ex.ref_rewards[0]),
         "reference_reward": float(np.mean([np.mean(v) for v in ex.ref_rewards])),
         "points": [p.to_dict() for p in points + bon], "ceiling": ceiling_points(ex.ref_rewards),
+        "pi_star": asdict(ceiling_at_beta(ex.ref_rewards, plan.beta)),  # where RLOO(beta) converges
         "run_py": _run_py_points(offline_full, plan.eval_prompts), "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "frontier.json").write_text(json.dumps(result, indent=1))
@@ -317,6 +323,10 @@ def table(result: dict) -> str:
                   f"judge budget {result['budget']} samples per method ({result['plan']['train_prompts']} prompts x "
                   f"{result['plan']['n']}); precision {result['precision']}; wall time {result['seconds']:.0f} s", "",
               "Each method's best point (highest efficiency) and its best reward at KL <= 2 nats:", ""]
+    if result.get("pi_star"):
+        ps = result["pi_star"]
+        lines[-2:-2] = [f"pi*_beta at beta = {ps['beta']:g} (the optimum of E[r] - beta KL, where RLOO(beta) "
+                        f"converges; tilted reference samples): KL {ps['kl']:.3f}, reward {ps['reward']:+.3f}", ""]
     for m in result["methods"]:
         mine = [p for p in pts if p.method == m and p.efficiency and math.isfinite(p.efficiency["efficiency"])]
         if not mine:
@@ -349,6 +359,10 @@ def plot(result: dict, path: Path) -> None:
     curve = [c for c in result["ceiling"] if math.isfinite(c["kl"])]
     ax.plot([c["kl"] for c in curve], [c["reward"] for c in curve], color="black", lw=1.5,
             label=f"ceiling π*_β (tilting K={result['reference_samples_per_prompt']})")
+    if result.get("pi_star"):
+        ps = result["pi_star"]
+        ax.scatter([ps["kl"]], [ps["reward"]], marker="x", s=40, color="black", zorder=5,
+                   label=f"π*_β at β={ps['beta']:g} (RLOO's optimum)")
     bon = sorted((p for p in pts if p.method == "best-of-n"), key=lambda p: p.kl)
     ax.errorbar([p.kl for p in bon], [p.reward for p in bon], yerr=[p.reward_stderr for p in bon], marker="s", ms=4,
                 color="tab:gray", capsize=2, lw=1, label="Best-of-N, VADER (tie-aware KL)")
