@@ -1,16 +1,18 @@
 """``dpokit online``: rounds of sample, judge, pair, DPO, evaluate. The run records (judge budget accumulated,
 one metrics line per round), its refusals, a pairwise judge labelling the pairs, and the deterministic
-three-round run: a toy reward rises on held-out prompts, and a run stopped inside round 3 and resumed gives the
-same round-3 numbers as the uninterrupted run."""
+three-round run, on the tiny random model and on the embedded SmolLM2-135M: a toy reward rises on held-out
+prompts, and a run stopped inside round 3 and resumed gives the same round-3 numbers as the uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import read_metrics, run_cli
 
 from dpokit.train.online import metrics_lines, round_seed, summary_table
 
@@ -105,35 +107,42 @@ def test_one_round_with_a_pairwise_judge_labels_the_pairs_directly(tmp_path: Pat
     assert judge.calls == 4 + 3
 
 
-def _online_args(model: Path, out: Path, tmp: Path, *extra: object) -> list[object]:
+def _online_args(model: Path, out: Path, tmp: Path, judge: str, per_round: int, n: int,
+                 options: tuple[object, ...]) -> list[object]:
     return ["online", "--model", model, "--output-dir", out, "--prompts", tmp / "p.txt", "--eval-prompts",
-            tmp / "e.txt", "--judge", "test_online:spaces", "--rounds", "3", "--prompts-per-round", "8", "-n", "4",
-            "--max-new-tokens", "8", "--no-chat", "train.lr=0.1", "train.batch_size=4", "train.epochs=2", *extra]
+            tmp / "e.txt", "--judge", f"test_online:{judge}", "--rounds", "3", "--prompts-per-round", per_round, "-n",
+            n, *options]
 
 
-@pytest.mark.slow
-def test_three_online_rounds_raise_the_held_out_reward_and_a_resumed_run_matches(tmp_path: Path,
-                                                                                    tiny_model_dir: Path,
-                                                                                    monkeypatch, capsys):
+def check_three_rounds_and_resume(tmp: Path, monkeypatch, capsys, model: Path, judge: str, prompts: str,
+                                  held_out: str, *, per_round: int, n: int,
+                                  options: tuple[object, ...]) -> list[dict]:
+    """Three rounds of ``dpokit online`` with the function judge ``test_online:JUDGE``: the held-out reward after
+    round 3 exceeds round 0's by more than 3 standard errors; then the same run, stopped inside round 3 (after its
+    DPO, before its evaluation) and resumed, gives the uninterrupted round 3's record (but its time) and samples.
+    Returns the uninterrupted run's round records."""
     from dpokit.train import online
 
-    (tmp_path / "p.txt").write_text(PROMPTS)
-    (tmp_path / "e.txt").write_text(HELD_OUT)
-    whole = tmp_path / "whole"
-    assert run_cli(*_online_args(tiny_model_dir, whole, tmp_path)) == 0
+    (tmp / "p.txt").write_text(prompts)
+    (tmp / "e.txt").write_text(held_out)
+
+    def args(out: Path) -> list[object]:
+        return _online_args(model, out, tmp, judge, per_round, n, options)
+
+    whole = tmp / "whole"
+    assert run_cli(*args(whole)) == 0
     rounds = [json.loads((whole / f"rounds/round-{k:03d}/round.json").read_text()) for k in range(4)]
     r0, r3 = rounds[0], rounds[3]
     gap = 3 * math.hypot(r0["eval/reward_stderr"], r3["eval/reward_stderr"])
-    assert r3["eval/reward"] > r0["eval/reward"] + gap, [r["eval/reward"] for r in rounds]
+    assert r3["eval/reward"] > r0["eval/reward"] + gap, [(r["eval/reward"], r["eval/reward_stderr"]) for r in rounds]
     for r in rounds[1:]:
-        assert r["judge_calls"] == 32 and r["pairs"] + r["prompts_without_pair"] >= 8 - sum(r["pairs_left_out"].values())
+        assert r["judge_calls"] == r["prompts"] * n and r["prompts"] <= per_round
+        assert r["pairs"] + r["prompts_without_pair"] >= r["prompts"] - sum(r["pairs_left_out"].values())
         assert {"sample_reward", "implicit_accuracy_before", "eval/kl", "dpo/loss", "policy", "reference"} <= set(r)
-        assert r["reference"] == str(tiny_model_dir)  # --reference initial (the default)
+        assert r["reference"] == str(model)  # --reference initial (the default)
     assert rounds[1]["implicit_accuracy_before"] is None and rounds[2]["implicit_accuracy_before"] is not None
-    assert [ln["judge_calls_total"] for ln in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines())] \
-        == [0, 32, 64, 96]
+    assert [ln["judge_calls_total"] for ln in read_metrics(whole)] == list(accumulate(r["judge_calls"] for r in rounds))
 
-    # the same run, stopped inside round 3 (after its DPO, before its evaluation), then resumed
     real = online.Online.evaluate
 
     def stop_in_round_3(self, k, policy, out):
@@ -141,9 +150,9 @@ def test_three_online_rounds_raise_the_held_out_reward_and_a_resumed_run_matches
             raise KeyboardInterrupt
         return real(self, k, policy, out)
 
-    cut = tmp_path / "cut"
+    cut = tmp / "cut"
     monkeypatch.setattr(online.Online, "evaluate", stop_in_round_3)
-    assert run_cli(*_online_args(tiny_model_dir, cut, tmp_path)) == 130
+    assert run_cli(*args(cut)) == 130
     assert "--resume" in capsys.readouterr().err
     assert not (cut / "rounds/round-003/round.json").exists() and (cut / "rounds/round-003/pairs.jsonl").exists()
     monkeypatch.setattr(online.Online, "evaluate", real)
@@ -153,3 +162,48 @@ def test_three_online_rounds_raise_the_held_out_reward_and_a_resumed_run_matches
     assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in r3.items() if k not in drop}
     assert (cut / "rounds/round-003/eval_samples.jsonl").read_text() == \
         (whole / "rounds/round-003/eval_samples.jsonl").read_text()
+    return rounds
+
+
+@pytest.mark.slow
+def test_three_online_rounds_raise_the_held_out_reward_and_a_resumed_run_matches(tmp_path: Path,
+                                                                                    tiny_model_dir: Path,
+                                                                                    monkeypatch, capsys):
+    check_three_rounds_and_resume(tmp_path, monkeypatch, capsys, tiny_model_dir, "spaces", PROMPTS, HELD_OUT,
+                                  per_round=8, n=4, options=("--max-new-tokens", "8", "--no-chat", "train.lr=0.1",
+                                                             "train.batch_size=4", "train.epochs=2"))
+
+
+POSITIVE = ("great", "good", "wonderful", "excellent", "amazing", "best", "beautiful", "beautifully", "fantastic",
+            "brilliant", "love", "loved", "fun", "perfect", "enjoyable", "enjoyed", "remarkable", "delightful",
+            "stunning", "impressive", "superb", "cool", "masterpiece")
+
+
+def positive_words(prompt: str, completion: str) -> float:
+    """The toy reward on the embedded model: how many words of the completion are in POSITIVE (case-insensitive).
+    A count over a short list rather than 1.0 for 'contains great': 'great' alone shows up in too few samples (a
+    few percent) to make pairs in every round."""
+    return float(sum(w in POSITIVE for w in re.findall(r"[a-z]+", completion.lower())))
+
+
+# openings that end where a review's adjective goes
+REVIEW_OPENINGS = ("The film was so\nThe acting was really\nIt was a truly\nThe music was very\nHonestly, the movie "
+                   "was\nThe ending was quite\nThe story is a\nThe plot was pretty\nThis is a really\nThe director "
+                   "did a\nThe script was\nI found it\n")
+REVIEW_HELD_OUT = ("The cast was really\nThe soundtrack is so\nOverall, the film was\nThe cinematography was very\n"
+                   "It is a truly\nThe screenplay was\nThe lead actress did a\nThis movie is a really\n")
+
+
+@pytest.mark.slow
+def test_three_online_rounds_on_the_embedded_model_raise_a_positive_word_count_and_a_resumed_run_matches(
+        tmp_path: Path, monkeypatch, capsys):
+    """SmolLM2-135M-Instruct (the embedded GGUF, converted once): the same three rounds, on movie-review openings
+    continued without the chat template, sampled at temperature 0.7. Seed 42 gives a held-out mean of 0.31 ± 0.09
+    positive words at round 0 and 0.69, 0.88, 1.19 ± 0.13 after rounds 1-3 (32 samples each)."""
+    from dpokit.demo import embedded_hf_dir
+
+    check_three_rounds_and_resume(tmp_path, monkeypatch, capsys, embedded_hf_dir(), "positive_words",
+                                  REVIEW_OPENINGS, REVIEW_HELD_OUT, per_round=8, n=6,
+                                  options=("--max-new-tokens", "8", "--no-chat", "--temperature", "0.7",
+                                           "--eval-samples", "4", "train.lr=1e-4", "train.batch_size=8",
+                                           "train.epochs=2"))
