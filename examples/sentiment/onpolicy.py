@@ -18,7 +18,7 @@ efficiency against the ceiling pi*_beta by tilting the 64 committed reference sa
 
     python examples/sentiment/onpolicy.py --quick    # 32 prompts x 4, 20 held-out prompts, under 10 minutes
     python examples/sentiment/onpolicy.py            # 128 prompts x 4, 100 held-out prompts
-    python examples/sentiment/onpolicy.py --replot   # plot and table again from frontier.json
+    python examples/sentiment/onpolicy.py --replot   # plot and table again (with run.py's latest points)
 
 Writes ``results/onpolicy-{quick,full}/frontier.json``, ``frontier.png`` and ``table.md``. Each method's points are
 kept (``runs/NAME/points.json``) and not recomputed; snapshots are deleted once evaluated.
@@ -251,7 +251,8 @@ def main() -> None:
         if "pi_star" not in result:
             heldout = by_prompt(read_set("pool-heldout", Path(args.reference)), "score", result["eval_prompts"])
             result["pi_star"] = asdict(ceiling_at_beta(heldout, result["plan"]["beta"]))
-            (out / "frontier.json").write_text(json.dumps(result, indent=1))
+        result["run_py"] = _run_py_points(_read_json(Path(args.out) / name / "frontier.json"), result["eval_prompts"])
+        (out / "frontier.json").write_text(json.dumps(result, indent=1))
         plot(result, out / "frontier.png")
         (out / "table.md").write_text(table(result))
         print(table(result))
@@ -273,20 +274,23 @@ def main() -> None:
     for p in bon:
         p.info["judge_budget"] = p.info["n"] * plan.eval_prompts
     add_efficiency(points + bon, ex.ref_rewards, n_boot=plan.n_boot)
-    offline_full = json.loads(f.read_text()) if (f := Path(args.out) / name / "frontier.json").is_file() else None
     result = {
         "plan": asdict(plan), "budget": plan.budget, "methods": methods, "precision": ex.task.precision,
         "eval_prompts": plan.eval_prompts, "reference_samples_per_prompt": len(ex.ref_rewards[0]),
         "reference_reward": float(np.mean([np.mean(v) for v in ex.ref_rewards])),
         "points": [p.to_dict() for p in points + bon], "ceiling": ceiling_points(ex.ref_rewards),
         "pi_star": asdict(ceiling_at_beta(ex.ref_rewards, plan.beta)),  # where RLOO(beta) converges
-        "run_py": _run_py_points(offline_full, plan.eval_prompts), "seconds": round(time.perf_counter() - t0, 1),
+        "run_py": _run_py_points(_read_json(Path(args.out) / name / "frontier.json"), plan.eval_prompts), "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "frontier.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "frontier.png")
     (out / "table.md").write_text(table(result))
     print(table(result))
     print(f"\nwall time {result['seconds']:.0f} s; results in {out}")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _run_py_points(frontier: dict | None, eval_prompts: int) -> list[dict]:
@@ -321,7 +325,10 @@ def table(result: dict) -> str:
                      f"{p.reward:+.3f} ± {p.reward_stderr:.3f} | {_eff(p)} |")
     lines += ["", f"reference reward {result['reference_reward']:+.3f} on {result['eval_prompts']} held-out prompts; "
                   f"judge budget {result['budget']} samples per method ({result['plan']['train_prompts']} prompts x "
-                  f"{result['plan']['n']}); precision {result['precision']}; wall time {result['seconds']:.0f} s", "",
+                  f"{result['plan']['n']}); precision {result['precision']}", "",
+              "wall time per method (training and evaluating its points, when it ran): " + ", ".join(
+                  f"{m} {max(p.info.get('seconds', 0) for p in pts if p.method == m):.0f} s" for m in result["methods"])
+              + f"; this invocation {result['seconds']:.0f} s", "",
               "Each method's best point (highest efficiency) and its best reward at KL <= 2 nats:", ""]
     if result.get("pi_star"):
         ps = result["pi_star"]
