@@ -280,7 +280,8 @@ def main() -> None:
         "reference_reward": float(np.mean([np.mean(v) for v in ex.ref_rewards])),
         "points": [p.to_dict() for p in points + bon], "ceiling": ceiling_points(ex.ref_rewards),
         "pi_star": asdict(ceiling_at_beta(ex.ref_rewards, plan.beta)),  # where RLOO(beta) converges
-        "run_py": _run_py_points(_read_json(Path(args.out) / name / "frontier.json"), plan.eval_prompts), "seconds": round(time.perf_counter() - t0, 1),
+        "run_py": _run_py_points(_read_json(Path(args.out) / name / "frontier.json"), plan.eval_prompts),
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "frontier.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "frontier.png")
