@@ -513,6 +513,7 @@ def table(result: dict) -> str:
             eff += " (beyond the ceiling's KL)"
         style = _method_style(p.method)[0]
         beta = f"β={p.info['beta']:g}" if "beta" in p.info else ""
+        beta += f" lr {p.info['lr']:g}" if "lr" in p.info else ""
         lines.append(f"| {style if p.method in result['envelopes'] else p.method} {beta} | {p.label} | {p.kl:.3f} ± "
                      f"{p.kl_stderr:.3f} | {p.reward:+.3f} ± {p.reward_stderr:.3f} | {eff} |")
     rm, imp = result["reward_model"], result["implicit_reward"]
