@@ -104,8 +104,8 @@ class Plan:
 
 
 # the full run: learning rate is what moves KL within one epoch (Adam normalizes the step; beta mostly decides
-# when a pair saturates), so one run at the paper-like 5e-6 and two at 2e-5 span the KL range (three runs and the
-# reward model are what 90 minutes of a shared 2-core CPU allow; --variants adds more, e.g. sigmoid:0.03:2e-5)
+# when a pair saturates), so one run at the paper-like 5e-6 and two at 2e-5 span the KL range (three runs to keep
+# the full run near 90 minutes of a 2-core CPU; --variants adds more, e.g. sigmoid:0.03:2e-5)
 FULL = Plan(525, 100, "bw8", (Variant("sigmoid", 0.1, 5e-6), Variant("sigmoid", 0.1, 2e-5),
                               Variant("ipo", 0.5, 2e-5)),
             batch_size=8, snapshots=4, eval_samples=1, select_k=16, bon_ns=(1, 2, 4, 8, 16, 32, 64), rm_lr=2e-5,
