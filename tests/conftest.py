@@ -82,11 +82,15 @@ PAIRS = [
 ]
 
 
-@pytest.fixture()
-def pairs_file(tmp_path: Path) -> Path:
-    path = tmp_path / "pairs.jsonl"
+def write_pairs(path: Path) -> Path:
+    """PAIRS as a JSONL file at ``path``."""
     path.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
     return path
+
+
+@pytest.fixture()
+def pairs_file(tmp_path: Path) -> Path:
+    return write_pairs(tmp_path / "pairs.jsonl")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -102,6 +106,15 @@ def run_cli(*args: object) -> int:
     from dpokit.cli import main
 
     return main([str(a) for a in args])
+
+
+def tiny_dpo_run(tmp: Path, model_dir: Path, name: str, steps: int, *options: object) -> Path:
+    """A real ``dpokit dpo`` run on PAIRS at a large learning rate (batch 4, fp32), so the policy moves away from
+    its reference in a few steps; returns TMP/NAME."""
+    run = tmp / name
+    assert run_cli("dpo", "--model", model_dir, "--data", write_pairs(tmp / "pairs.jsonl"), "--output-dir", run,
+                   "--max-steps", steps, "train.batch_size=4", "train.lr=1e-2", "precision=fp32", *options) == 0
+    return run
 
 
 def read_metrics(run: Path) -> list[dict]:

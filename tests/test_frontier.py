@@ -71,16 +71,10 @@ def test_per_prompt_means():
 
 @pytest.fixture(scope="module")
 def snapshot_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from conftest import PAIRS
+    from conftest import tiny_dpo_run
 
-    tmp = tmp_path_factory.mktemp("frontier")
-    data = tmp / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    run = tmp / "dpo-run"
-    assert run_cli("dpo", "--model", tiny_model_dir, "--data", data, "--output-dir", run, "--max-steps", 5,
-                   "train.batch_size=4", "train.lr=1e-2", "precision=fp32", "train.snapshot_steps=2",
-                   "train.save_steps=4", "train.keep_last=5") == 0
-    return run
+    return tiny_dpo_run(tmp_path_factory.mktemp("frontier"), tiny_model_dir, "dpo-run", 5, "train.snapshot_steps=2",
+                        "train.save_steps=4", "train.keep_last=5")
 
 
 def test_snapshots_are_the_weights_at_their_step(snapshot_run):

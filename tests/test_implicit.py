@@ -24,15 +24,9 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A real run: 2 DPO steps at a large learning rate, so the policy differs from its reference."""
-    from conftest import PAIRS
+    from conftest import tiny_dpo_run
 
-    tmp = tmp_path_factory.mktemp("implicit")
-    data = tmp / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    run = tmp / "run"
-    assert run_cli("dpo", "--model", tiny_model_dir, "--data", data, "--output-dir", run, "--max-steps", 2,
-                   "--beta", 0.3, "train.batch_size=4", "train.lr=1e-2", "precision=fp32") == 0
-    return run
+    return tiny_dpo_run(tmp_path_factory.mktemp("implicit"), tiny_model_dir, "run", 2, "--beta", 0.3)
 
 
 def naive_scores(run: Path, reference_dir: Path, tokenizer, records) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
