@@ -18,9 +18,10 @@ than their prompts). Configurations:
 
 Prints one JSON object: per configuration pairs/s, tokens/s (tokens of the sequences, prompt counted
 for both responses, as TRL counts them), peak RSS, step-1 loss, setup seconds; the ratios dpokit/TRL;
-and dpokit's achieved FLOP/s against a matmul peak measured here (6N per token position the policy
-computes, 2N per reference position, N the non-embedding parameters: a lower bound). Step 1 is a
-warm-up and is not timed.
+each configuration's matmul FLOPs per step from the positions it computed (``step_flops``), its
+achieved FLOP/s against a matmul peak measured here, and ``flop_ratio``: TRL's FLOPs over dpokit's,
+the speed-up equal FLOP/s would give. Step 1 is a warm-up and is not timed. ``--set KEY=VALUE``
+passes a config override to the dpokit configurations.
 """
 
 from __future__ import annotations
@@ -112,16 +113,17 @@ def run_dpokit(args: argparse.Namespace, data: Path, mode: str) -> dict:
         overrides += [("train.layout", "padded"), ("train.ref_cache", False)]
     elif mode != "dpokit":
         overrides += [("train.layout", mode.split("-")[1].replace("shared", "shared_prompt"))]
+    overrides += [(k, v) for k, _, v in (kv.partition("=") for kv in args.set)]
     os.environ["DPOKIT_CACHE"] = f"{args.out}-cache"  # a cold cache beside the run: its fill counts as setup
     cfg = load_config(None, overrides)
     times: list[float] = []
     records: list[dict] = []
-    positions = {"policy": 0, "reference": 0}
+    positions = {"policy": 0, "reference": 0, "policy_head": 0, "reference_head": 0}
 
     def on_step(record: dict) -> None:
         times.append(time.perf_counter())
         records.append({**record, **positions})
-        positions.update(policy=0, reference=0)
+        positions.update(policy=0, reference=0, policy_head=0, reference_head=0)
 
     model = tokenizer = None
     if args.model_dir == "tiny":
@@ -132,11 +134,13 @@ def run_dpokit(args: argparse.Namespace, data: Path, mode: str) -> dict:
     real_forward = LogProbs.forward
 
     def counting(self: LogProbs, batch, **kw):  # token positions each forward computes, for the FLOP estimate
-        positions["policy" if self is job.policy else "reference"] += batch.positions
+        mine = "policy" if self is job.policy else "reference"
+        positions[mine] += batch.positions
+        positions[f"{mine}_head"] += int(batch.targets.numel())  # completion positions: the LM head's rows
         return real_forward(self, batch, **kw)
 
     LogProbs.forward = counting  # type: ignore[method-assign]
-    positions.update(policy=0, reference=0)
+    positions.update(policy=0, reference=0, policy_head=0, reference_head=0)
     fit(job)
     return _summary(times, records, t0, tokens_key="tokens", pairs=args.batch)
 
@@ -162,6 +166,7 @@ def run_trl(args: argparse.Namespace, data: Path, tuned: bool) -> dict:
                     precompute_ref_log_probs=tuned, dataloader_num_workers=0, seed=0)
     times: list[float] = []
     tokens: list[int] = []
+    padded: list[int] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
@@ -173,14 +178,18 @@ def run_trl(args: argparse.Namespace, data: Path, tuned: bool) -> dict:
 
     def counting(model, inputs, return_outputs):
         tokens.append(int(inputs["attention_mask"].sum()))
+        padded.append(int(inputs["attention_mask"].numel()))  # chosen and rejected rows, padded: what is computed
         return real(model, inputs, return_outputs)
 
     trainer._compute_loss = counting
     torch.manual_seed(0)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    records = [{"loss": loss, "tokens": n} for loss, n in zip(losses, tokens)]
-    return _summary(times, records, t0, tokens_key="tokens", pairs=args.batch)
+    records = [{"loss": loss, "tokens": n, "padded": m} for loss, n, m in zip(losses, tokens, padded)]
+    out = _summary(times, records, t0, tokens_key="tokens", pairs=args.batch)
+    out["padded_positions_per_step"] = sum(r["padded"] for r in records[1:]) / max(1, len(records) - 1)
+    out["gradient_checkpointing"], out["reference_forward_per_step"] = not tuned, not tuned
+    return out
 
 
 def _summary(times: list[float], records: list[dict], t0: float, tokens_key: str, pairs: int) -> dict:
@@ -193,7 +202,28 @@ def _summary(times: list[float], records: list[dict], t0: float, tokens_key: str
     if records and "policy" in records[0]:  # dpokit: token positions computed, for the FLOP estimate
         out["policy_positions_per_s"] = sum(r["policy"] for r in records[1:]) / elapsed
         out["reference_positions_per_s"] = sum(r["reference"] for r in records[1:]) / elapsed
+        for k in ("policy_head", "reference_head"):
+            out[f"{k}_positions_per_s"] = sum(r[k] for r in records[1:]) / elapsed
     return out
+
+
+def step_flops(r: dict, body: int, head: int) -> dict:
+    """Matmul FLOPs of one step from the positions each configuration computed: 2 per parameter and position for a
+    forward, 4 for a backward, 2 more where gradient checkpointing recomputes the forward. Body: the ``body``
+    non-embedding parameters; LM head: ``head`` parameters. dpokit: the policy's forward and backward over its
+    positions, the head over completion positions (plus the reference's forward where one runs). TRL: chosen and
+    rejected rows padded to the longest, the head over every position, and the reference forward in the default
+    configuration. Attention scores are left out of both (a few percent at 512 tokens)."""
+    s = r["seconds_per_step"]
+    if "policy_positions_per_s" in r:
+        policy, ref, policy_head, ref_head = (r[f"{k}_positions_per_s"] * s for k in (
+            "policy", "reference", "policy_head", "reference_head"))
+        total = 6 * (body * policy + head * policy_head) + 2 * (body * ref + head * ref_head)
+    else:
+        n = r["padded_positions_per_step"]
+        per = (8 if r["gradient_checkpointing"] else 6) * body + 6 * head  # checkpointing covers the layers only
+        total = n * (per + (2 * (body + head) if r["reference_forward_per_step"] else 0))
+    return {"flops_per_step": total}
 
 
 def matmul_peak(precision: str) -> float:
@@ -231,6 +261,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--write-pairs", metavar="FILE.jsonl", help="only write the synthetic pairs of --mix to FILE")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the dpokit configurations (repeatable), e.g. train.grad_accum=2")
     ap.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -269,7 +301,8 @@ def main() -> None:
                 for name in configs:
                     cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model-dir", model_dir,
                            "--precision", precision, "--batch", str(args.batch), "--max-length", str(args.max_length),
-                           "--steps", str(args.steps), "--out", str(Path(tmp) / f"{name}-{precision}-{mix}")]
+                           "--steps", str(args.steps), "--out", str(Path(tmp) / f"{name}-{precision}-{mix}"),
+                           *(a for kv in args.set for a in ("--set", kv))]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     res[name] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-2000:]}
@@ -285,16 +318,17 @@ def main() -> None:
                                 "step1_loss_diff": abs(a["step1_loss"] - b["step1_loss"]),
                             }
                 peak = matmul_peak(precision)
-                flops = {}
-                for ours in OURS:
-                    r = res.get(ours, {})
-                    if r.get("policy_positions_per_s"):
-                        # forward + backward of the policy 6N per position, a reference forward 2N; the LM head
-                        # (completion positions only) and attention scores are left out: a lower bound
-                        achieved = body * (6 * r["policy_positions_per_s"] + 2 * r["reference_positions_per_s"])
-                        flops[ours] = {"achieved_flops": achieved, "fraction_of_matmul_peak": achieved / peak}
+                flops = {name: step_flops(r, body, head) for name, r in res.items() if "seconds_per_step" in r}
+                for name, f in flops.items():
+                    f["achieved_flops"] = f["flops_per_step"] / res[name]["seconds_per_step"]
+                    f["fraction_of_matmul_peak"] = f["achieved_flops"] / peak
+                for ours in OURS:  # the speed-up that equal FLOP/s would give: what the arithmetic saved
+                    for theirs in ("trl-default", "trl-tuned"):
+                        if ours in flops and theirs in flops and f"{ours}/{theirs}" in ratios:
+                            ratios[f"{ours}/{theirs}"]["flop_ratio"] = (flops[theirs]["flops_per_step"]
+                                                                         / flops[ours]["flops_per_step"])
                 report["results"][f"{mix}/{precision}"] = {"configs": res, "ratios": ratios,
-                                                           "matmul_peak_flops": peak, "dpokit_flops": flops}
+                                                           "matmul_peak_flops": peak, "model_flops": flops}
     print(json.dumps(report, indent=1))
 
 

@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--mix", choices=["long-prompts", "long-responses"], default="long-prompts")
     args = ap.parse_args()
     stdout, sys.stdout = sys.stdout, sys.stderr  # the run's own output goes to stderr; stdout is the JSON
 
@@ -46,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["DPOKIT_CACHE"] = str(Path(tmp) / "cache")
         data = Path(tmp) / "pairs.jsonl"
-        rows = make_pairs(args.batch * args.steps, 0, args.max_length, "long-prompts")
+        rows = make_pairs(args.batch * args.steps, 0, args.max_length, args.mix)
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = load_config(None, [("model.name_or_path", model_dir), ("data.train_files", [str(data)]),
                                  ("data.max_length", args.max_length), ("train.batch_size", args.batch),
@@ -75,7 +76,8 @@ def main() -> None:
             dtypes.setdefault(e.name, set()).update(t for t in e.input_dtypes if t)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]
     out = {
-        "model": args.model, "precision": args.precision, "batch_pairs": args.batch, "steps_profiled": len(marks) - 1,
+        "model": args.model, "mix": args.mix, "precision": args.precision, "batch_pairs": args.batch,
+        "steps_profiled": len(marks) - 1,
         "wall_s": marks[-1] - marks[0], "torch_threads": torch.get_num_threads(),
         "matmul_share": sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL)) / total,
         "top_ops": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4), "calls": e.count,

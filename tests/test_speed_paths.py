@@ -204,3 +204,78 @@ def test_layout_values_are_checked():
 
     with pytest.raises(ConfigError, match="is not one of"):
         load_config(None, [("train.layout", "ragged")])
+
+
+@covers("train.forward_tokens")
+def test_forward_tokens_splits_a_micro_batch_into_forwards_with_the_same_update(tmp_path, tiny_model_dir,
+                                                                                 pairs_file, forward_log):
+    """One pair per forward (a budget of 1 position) against one forward for the micro-batch (0: never split):
+    four forwards a step instead of one, the same metrics and the same trained weights."""
+    from safetensors.torch import load_file
+
+    # adam_eps=1 keeps Adam's update linear in the gradient, so fp32 noise near g=0 is not amplified to +-lr
+    whole = _run(tmp_path, "whole", tiny_model_dir, pairs_file, "train.forward_tokens=0", "train.adam_eps=1")
+    assert forward_log.count("policy") == 2  # two steps, one forward each
+    forward_log.clear()
+    split = _run(tmp_path, "split", tiny_model_dir, pairs_file, "train.forward_tokens=1", "train.adam_eps=1")
+    assert forward_log.count("policy") == 8  # four pairs a step, each its own forward
+    _close(whole, split, tol=1e-5)
+    assert split[0]["loss"] == whole[0]["loss"]  # step 0: ln 2 either way
+    w0, w1 = (load_file(str(tmp_path / n / "final" / "model.safetensors")) for n in ("whole", "split"))
+    for name in w0:
+        torch.testing.assert_close(w0[name], w1[name], atol=1e-6, rtol=1e-5)
+    assert run_cli("dpo", "--model", tiny_model_dir, "--data", pairs_file, "--output-dir", tmp_path / "kto",
+                   "--loss", "kto", "train.forward_tokens=100") == 2  # refused: kto's KL couples a micro-batch
+
+
+def test_forwards_respect_the_budget_and_pair_up_across_ranks():
+    from dpokit.train.loop import StepOrder, split_by_cost
+
+    assert split_by_cost([0, 1, 2, 3], [3, 3, 5, 1], 6) == [[0, 1], [2, 3]]
+    assert split_by_cost([0, 1, 2], [9, 2, 2], 4) == [[0], [1, 2]]  # an example over the budget runs alone
+    assert split_by_cost([0, 1], [9, 9], 0) == [[0, 1]] and split_by_cost([], [1], 4) == []
+    costs = [1, 1, 1, 1, 1, 1, 50, 50]  # two long examples
+    for world in (1, 2):
+        orders = [StepOrder(8, 8, 2, seed=0, rank=r, world=world, costs=costs, budget=4) for r in range(world)]
+        for step in range(3):
+            forwards = [o.forwards(step) for o in orders]
+            assert len({len(f) for f in forwards}) == 1  # every rank runs as many forwards
+            for o, f in zip(orders, forwards):  # ...covering exactly its micro-batches, in order
+                assert [i for g in f for i in g] == [i for mb in o.micro_batches(step) for i in mb]
+                assert all(len(g) == 1 or sum(costs[i] for i in g) <= 4 for g in f if g)
+            assert sorted(i for f in forwards for g in f for i in g) == sorted(orders[0].indices(step))
+    assert StepOrder(8, 8, 1, seed=0).forwards(0) == [StepOrder(8, 8, 1, seed=0).indices(0)]  # no costs: unsplit
+
+
+def test_a_single_logit_chunk_keeps_its_logits_and_gives_the_recomputed_gradient(tiny_model):
+    """One chunk is not recomputed in the backward (no second LM-head matmul); several are. Same gradients."""
+    from dpokit.data.collate import Sequences, padded
+    from dpokit.logprobs import LogProbs
+
+    ids = torch.randint(3, 1000, (3, 20)).tolist()
+    batch = padded(Sequences.ungrouped([(r[:6], r[6:]) for r in ids]), 0)  # 3 x 14 completion positions
+    head = tiny_model.get_output_embeddings()
+    real_forward, calls = head.forward, []
+    head.forward = lambda h: calls.append(h.shape[0]) or real_forward(h)
+    grads = []
+    for chunk in (1024, 16):
+        tiny_model.zero_grad()
+        calls.clear()
+        sums, _ = LogProbs(tiny_model, chunk_tokens=chunk)(batch)
+        (sums * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters()})
+        assert len(calls) == (1 if chunk == 1024 else 6)  # 42 positions: one call, or 3 chunks twice
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for name in grads[0]:  # equal up to fp32 summation order (the chunks split the weight gradient's sum)
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_all_finite_is_exact_whatever_the_sums():
+    from dpokit.distributed import ONE, all_finite
+
+    big = torch.full((4,), 3e38)  # finite values whose sum overflows: still finite
+    assert all_finite([torch.nn.Parameter(t) for t in (torch.ones(3), big)], ONE)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5)
+        t[2] = bad
+        assert not all_finite([torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(t)], ONE)

@@ -122,6 +122,10 @@ class TrainConfig:
     seed: int = _f(42, "seed for data order, initialisation and sampling")
     max_nonfinite: int = _f(3, "updates with a NaN/inf loss or gradient skipped (and counted) before the run stops")
     logit_chunk_tokens: int = _f(1024, "completion tokens per LM-head chunk (bounds logit memory)")
+    forward_tokens: int | None = _f(
+        None, "positions one forward computes at most: a micro-batch over it runs as consecutive forwards of whole "
+        "examples (the same gradient; one forward's activation memory; no padding between them); 0: never split; "
+        "default: 512 on a CPU, no limit on an accelerator; never split for kto (its KL baseline is per micro-batch)")
     layout: str = _f(
         "auto", "how a micro-batch is laid out: padded rows, packed (padding-free rows), shared_prompt (one row "
         "[prompt | response | response...] per prompt), or auto: per micro-batch, the one computing the fewest "
@@ -242,6 +246,8 @@ class Config:
             raise ConfigError(f"train.adam_eps must be > 0 (it keeps AdamW's division finite), got {t.adam_eps}")
         if not 0 <= t.seed < 2**63:
             raise ConfigError(f"train.seed must be in [0, 2**63), got {t.seed}")
+        if t.forward_tokens is not None and t.forward_tokens < 0:
+            raise ConfigError(f"train.forward_tokens must be >= 0 (0: never split), got {t.forward_tokens}")
         if t.max_nonfinite < 0 or t.displacement_nats < 0:
             raise ConfigError("train.max_nonfinite and train.displacement_nats must be >= 0")
         if not lo.beta > 0:
@@ -300,6 +306,9 @@ class Config:
         if not loss.paired and t.batch_size // t.grad_accum < 2:
             raise ConfigError("kto estimates its KL baseline inside each micro-batch: batch_size / grad_accum "
                               "must be >= 2")
+        if not loss.paired and t.forward_tokens:
+            raise ConfigError("train.forward_tokens: kto estimates its KL baseline over a whole micro-batch, so its "
+                              "micro-batches are never split; use train.grad_accum to bound memory")
         if m.ref_name_or_path and not loss.reference:
             raise ConfigError(f"model.ref_name_or_path is set but loss '{lo.name}' runs no reference")
         if t.ref_cache and not loss.reference:

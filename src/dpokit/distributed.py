@@ -218,13 +218,17 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, place: Dis
 
 
 def all_finite(params: list[torch.nn.Parameter], place: Dist) -> bool:
-    """Whether every weight is finite, on every rank (each checks the shards it holds)."""
+    """Whether every weight is finite, on every rank (each checks the shards it holds). One pass per tensor: a
+    finite sum proves every element finite (a NaN or inf element makes the sum NaN or inf); only a tensor whose
+    sum is not finite (NaN/inf inside, or finite values whose sum overflows) is checked element by element."""
     bad = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if not torch.isfinite(local.detach()).all():
-            bad += 1
-            break
+    local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+    if local:
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in local])
+        for k in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+            if not torch.isfinite(local[k]).all():
+                bad += 1
+                break
     return not bool(all_reduce(bad.to(params[0].device) if params else bad, place))
 
 

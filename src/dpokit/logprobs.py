@@ -13,8 +13,10 @@ the unwrapped model's own names (``unwrap``), the same in every mode.
 
 Only completion positions go through the LM head (prompt and padding positions never do), in chunks
 of ``chunk_tokens`` rows, with the log-softmax in fp32: the temporary logits are at most
-[chunk_tokens, vocab], never [batch, seq, vocab]. With gradients on, each chunk's logits are
-recomputed in the backward pass, so logit memory stays at one chunk through the whole step.
+[chunk_tokens, vocab], never [batch, seq, vocab]. With gradients on and more than one chunk, each
+chunk's logits are recomputed in the backward pass, so logit memory stays at one chunk through the
+whole step; a single chunk keeps its logits for the backward instead (the same memory, one LM-head
+matmul and one log-softmax fewer).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def token_stats_from_hidden(
     over the vocabulary, and 1.0 where the target is the argmax (TRL's ``entropy``, ``logits/*`` and
     ``mean_token_accuracy`` inputs)."""
     out, extra = [], []
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_tokens
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, tgt = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if recompute:
@@ -72,7 +74,7 @@ def token_logps_from_hidden(
 ) -> torch.Tensor:
     """log p(target | hidden) for M hidden states [M, H] and targets [M] -> [M] in fp32."""
     out = []
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_tokens
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, tgt = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if recompute:

@@ -21,7 +21,7 @@ from dpokit.losses import ResolvedLoss, resolve_loss
 from dpokit.models import load_model, load_tokenizer
 from dpokit.reference import Reference, Split, build_reference, reference_kind
 from dpokit.train.build import frozen_module, load_stage_items, policy_module
-from dpokit.train.loop import Job, eval_micro_batches, run_stage, step_order, total_steps
+from dpokit.train.loop import Job, eval_micro_batches, forward_budget, run_stage, step_order, total_steps
 from dpokit.train.recipes import PairedRecipe, RankedRecipe, Recipe, UnpairedRecipe
 from dpokit.train.rundir import open_session
 
@@ -89,9 +89,11 @@ def build_dpo(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
     copied = frozen_module(cfg, copy.deepcopy(model), place) if ref_kind == "frozen copy" else None
     policy = policy_module(cfg, model, place)
 
-    order = step_order(cfg, len(items), place)
     pad, layout = tokenizer.pad_token_id, t.layout
-    probe = make_recipe(loss, None, pad, layout)  # lays out the micro-batches the cache is computed over
+    probe = make_recipe(loss, None, pad, layout)  # lays out the forwards the cache is computed over
+    budget = forward_budget(cfg, session.device, probe.splittable)
+    order = step_order(cfg, len(items), place, [probe.cost(x) for x in items], budget)
+    eval_costs = [probe.cost(x) for x in eval_items]
 
     def split(examples: list[Any], per_rank: Any) -> Split:
         """This rank's micro-batches (dataset positions per rank from ``per_rank(rank)``), laid out."""
@@ -103,7 +105,7 @@ def build_dpo(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
     splits = {"train": lambda: split(items, lambda r: order.for_rank(r).first_epoch(steps))}
     if eval_items:
         splits["eval"] = lambda: split(eval_items, lambda r: eval_micro_batches(len(eval_items), t.batch_size, r,
-                                                                                place.world))
+                                                                                place.world, eval_costs, budget))
     refs = build_reference(cfg, loss, policy=policy, model=unwrap(policy), fingerprint=lambda: start_hash,
                            frozen=lambda m: frozen_module(cfg, m, place), copied=copied, splits=splits,
                            device=session.device, precision=session.precision, place=place)
@@ -112,7 +114,7 @@ def build_dpo(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
     return Job(session=session, policy=policy, recipe=make_recipe(loss, refs["train"], pad, layout), items=items,
                order=order, lr=t.lr if t.lr is not None else DEFAULT_LR, tokenizer=tokenizer,
                eval_recipe=make_recipe(loss, refs["eval"], pad, layout) if eval_items else None,
-               eval_items=eval_items, observers=observers)
+               eval_items=eval_items, eval_costs=eval_costs, observers=observers)
 
 
 def run_dpo(cfg: Config, resume: str | None = None, overwrite: bool = False, extend: bool = False) -> Path:

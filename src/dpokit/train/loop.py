@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,21 +90,30 @@ class _StopFlag:
 
 # ----------------------------------------------------------------------------------- data order
 class StepOrder:
-    """Which examples form micro-batch m of step s on rank r: the one place that decides it.
+    """Which examples form micro-batch m of step s on rank r, and which forwards compute it: the one place
+    that decides it.
 
     Every epoch is a fresh seeded permutation of the n examples; step s of an epoch takes the next
     ``batch_size`` of them (the global batch; the last step of an epoch may hold fewer). Rank r of
     ``world`` takes ``step[r::world]`` and splits it into ``grad_accum`` micro-batches of at most
     ceil(batch_size / (world * grad_accum)) examples, in order. Micro-batches may be empty (a ragged last
-    step); ``micro_batches`` always returns ``grad_accum`` of them, so every rank can run the same number
-    of forwards. The loop, the reference cache and evaluation all use this.
+    step); ``micro_batches`` always returns ``grad_accum`` of them.
+
+    ``forwards`` splits each micro-batch into consecutive forwards of at most ``budget`` positions (the
+    sum of ``costs``, each example's distinct tokens; an example over the budget is a forward alone):
+    the gradient is the same (every forward's loss is divided by the whole step's units), the activation
+    memory is one forward's, and short forwards waste no padding. Every rank gets the same number of
+    forwards (a rank with fewer gets empty ones, run as zero-weight dummies), so FSDP2's collectives pair
+    up. The loop, the reference cache and evaluation all use this.
     """
 
-    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int, rank: int = 0, world: int = 1,
+                 costs: Sequence[int] | None = None, budget: int = 0):
         if n == 0:
             raise ValueError("no training examples left after tokenization")
         self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
         self.rank, self.world = rank, world
+        self.costs, self.budget = costs, budget
         self.steps_per_epoch = math.ceil(n / batch_size)
         self.micro_size = math.ceil(batch_size / (world * grad_accum))
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -124,25 +133,74 @@ class StepOrder:
         m = self.micro_size
         return [local[k * m : (k + 1) * m] for k in range(self.grad_accum)]
 
+    def forwards(self, step: int) -> list[list[int]]:
+        """This rank's forwards of ``step``, micro-batch by micro-batch (empty ones where another rank has more);
+        a micro-batch no rank has examples for gets none."""
+        per_rank = [self.for_rank(r).micro_batches(step) for r in range(self.world)]
+        mine: list[list[int]] = []
+        for m in range(self.grad_accum):
+            groups = [split_by_cost(mb[m], self.costs, self.budget) for mb in per_rank]
+            most = max(len(g) for g in groups)
+            mine += groups[self.rank] + [[] for _ in range(most - len(groups[self.rank]))]
+        return mine
+
     def for_rank(self, rank: int) -> StepOrder:
         """The same order as seen by another rank."""
         if rank not in self._ranks:
-            self._ranks[rank] = StepOrder(self.n, self.batch_size, self.grad_accum, self.seed, rank, self.world)
+            self._ranks[rank] = StepOrder(self.n, self.batch_size, self.grad_accum, self.seed, rank, self.world,
+                                          self.costs, self.budget)
         return self._ranks[rank]
 
     def first_epoch(self, steps: int) -> list[list[int]]:
-        """Every non-empty micro-batch of this rank over the first min(steps, steps_per_epoch) steps."""
-        return [mb for s in range(min(steps, self.steps_per_epoch)) for mb in self.micro_batches(s) if mb]
+        """Every non-empty forward of this rank over the first min(steps, steps_per_epoch) steps."""
+        return [f for s in range(min(steps, self.steps_per_epoch)) for f in self.forwards(s) if f]
 
 
-def eval_micro_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Held-out examples in file order, ``batch_size`` per micro-batch, micro-batch j on rank j % world."""
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::world]
+def split_by_cost(idx: list[int], costs: Sequence[int] | None, budget: int) -> list[list[int]]:
+    """``idx`` in consecutive groups whose summed ``costs`` stay within ``budget`` (one example over it is a group
+    alone); ``budget`` 0 or no costs: one group. An empty ``idx`` has no groups."""
+    if not idx:
+        return []
+    if not budget or costs is None:
+        return [list(idx)]
+    groups: list[list[int]] = [[]]
+    total = 0
+    for i in idx:
+        if groups[-1] and total + costs[i] > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += costs[i]
+    return groups
 
 
-def step_order(cfg: Config, n: int, place: Dist = ONE) -> StepOrder:
+def eval_micro_batches(n: int, batch_size: int, rank: int = 0, world: int = 1, costs: Sequence[int] | None = None,
+                       budget: int = 0) -> list[list[int]]:
+    """Held-out examples in file order, ``batch_size`` per micro-batch, micro-batch j on rank j % world, each split
+    into forwards of at most ``budget`` positions as in training (``split_by_cost``)."""
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::world]
+    return [g for b in batches for g in split_by_cost(b, costs, budget)]
+
+
+CPU_FORWARD_TOKENS = 512  # measured: benchmarks/bench_dpo.py --set train.forward_tokens=N (README, Performance)
+
+
+def forward_budget(cfg: Config, device: torch.device, splittable: bool = True) -> int:
+    """Positions per forward: ``train.forward_tokens``, or by default ``CPU_FORWARD_TOKENS`` on a CPU and no limit
+    elsewhere (not measured on accelerators here); 0 (never split) for recipes whose loss couples the examples of a
+    micro-batch (KTO's batch KL baseline)."""
+    if not splittable:
+        return 0
+    chosen = cfg.train.forward_tokens
+    if chosen is None:
+        return CPU_FORWARD_TOKENS if device.type == "cpu" else 0
+    return chosen
+
+
+def step_order(cfg: Config, n: int, place: Dist = ONE, costs: Sequence[int] | None = None, budget: int = 0
+               ) -> StepOrder:
     t = cfg.train
-    return StepOrder(n, t.batch_size, t.grad_accum, t.seed, place.rank, place.world)
+    return StepOrder(n, t.batch_size, t.grad_accum, t.seed, place.rank, place.world, costs, budget)
 
 
 def total_steps(cfg: Config, order: StepOrder) -> int:
@@ -219,6 +277,7 @@ class Job:
     tokenizer: Any
     eval_recipe: Recipe | None = None
     eval_items: list[Any] = field(default_factory=list)
+    eval_costs: list[int] | None = None  # each held-out example's positions, to split its forwards as training's
     observers: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)  # see (and may annotate)
     # every metrics record before it is written
     log: RunLog | None = None  # opened by fit, closed by finish (or when the run fails or is interrupted)
@@ -233,13 +292,6 @@ class LoopResult:
 
 def to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device)
-
-
-def _runs(order: StepOrder, step: int) -> list[bool]:
-    """Which of the step's grad_accum micro-batches run: those any rank has examples for (a rank with none there
-    runs a zero-weight dummy, so every rank runs the same forwards)."""
-    per_rank = [order.for_rank(r).micro_batches(step) for r in range(order.world)]
-    return [any(mb[m] for mb in per_rank) for m in range(order.grad_accum)]
 
 
 def fit(job: Job) -> LoopResult:
@@ -272,8 +324,8 @@ def _fit(job: Job) -> LoopResult:
     distributed.reshard(job.policy, place)  # after the no-grad forwards that filled the reference cache
     params = [p for p in job.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=job.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
-    )
+        params, lr=job.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+        fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, t.warmup_ratio, t.scheduler))
     metrics_path = run_dir / "metrics.jsonl"
     start = num_tokens = 0  # num_tokens: every sequence token trained on since step 0 (TRL's num_tokens)
@@ -315,17 +367,16 @@ def _fit(job: Job) -> LoopResult:
     with _StopFlag() as stop, Progress(recipe.name, total=steps, unit="step", initial=start, every=None,
                                        enabled=place.main) as bar:
         for step in range(start, steps):
-            mine = order.micro_batches(step)
-            runs = [m for m, run in enumerate(_runs(order, step)) if run]
+            forwards = order.forwards(step)
             denom = recipe.units([items[i] for i in order.indices(step)]) / place.world
             step_metrics = Metrics()
             step_tokens = step_examples = 0
             finite = torch.ones((), dtype=torch.bool, device=device)
-            for k, m in enumerate(runs):
-                idx = mine[m]
+            for k, idx in enumerate(forwards):
                 chunk, index = ([items[i] for i in idx], idx) if idx else dummy
                 batch = to_device(recipe.collate(chunk, index), device)
-                with distributed.no_sync(job.policy, place, last=k == len(runs) - 1), autocast(device, precision):
+                with distributed.no_sync(job.policy, place, last=k == len(forwards) - 1), \
+                        autocast(device, precision):
                     loss, logs = recipe.compute(job.policy, batch, denom)
                     if not idx:
                         loss = loss * 0.0
@@ -412,7 +463,8 @@ def evaluate(job: Job) -> dict[str, float]:
     assert recipe is not None
     job.policy.eval()
     acc = Metrics()
-    per_rank = [eval_micro_batches(len(items), s.cfg.train.batch_size, r, place.world) for r in range(place.world)]
+    per_rank = [eval_micro_batches(len(items), s.cfg.train.batch_size, r, place.world, job.eval_costs,
+                                   job.order.budget) for r in range(place.world)]
     mine = per_rank[place.rank]
     for k in range(max(len(b) for b in per_rank)):  # every rank runs the same forwards
         idx = mine[k] if k < len(mine) else [0]

@@ -127,8 +127,19 @@ class Recipe:
     def sequences(self, items: Sequence[Any], index: Sequence[int]) -> tuple[Sequences, list[tuple[int, int]] | None]:
         raise NotImplementedError
 
+    splittable = True  # a micro-batch may run as several forwards (``StepOrder.forwards``): the loss is a sum
+    # over examples
+
     def extras(self, items: Sequence[Any]) -> dict[str, Any]:
         return {}
+
+    @staticmethod
+    def cost(item: Any) -> int:
+        """The positions ``item`` adds to a forward: its distinct tokens (the prompt once, then each completion)."""
+        completions = item.completion_ids if hasattr(item, "completion_ids") else [item.chosen_ids, item.rejected_ids]
+        if completions and isinstance(completions[0], int):  # one completion (SFT)
+            completions = [completions]
+        return len(item.prompt_ids) + sum(len(c) for c in completions)
 
     def collate(self, items: Sequence[Any], index: Sequence[int]) -> Batch:
         seqs, rows = self.sequences(items, index)
@@ -176,6 +187,7 @@ class UnpairedRecipe(Recipe):
     postfix = ("loss", "kl")
     keys = ("loss", "kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected")
     batch_type = UnpairedBatch
+    splittable = False
 
     def __init__(self, loss: ResolvedLoss, reference: Any, pad_id: int, layout: str = "auto"):
         super().__init__(pad_id, layout)

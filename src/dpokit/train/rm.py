@@ -34,7 +34,7 @@ from dpokit.models import load_tokenizer
 from dpokit.reward_model import RewardScores, load_reward_model, reward_row
 from dpokit.safety import redact
 from dpokit.train.build import load_stage_items
-from dpokit.train.loop import Job, run_stage, step_order
+from dpokit.train.loop import Job, forward_budget, run_stage, step_order
 from dpokit.train.recipes import Batch, Logs, Recipe, _sum
 from dpokit.train.rundir import open_session
 
@@ -107,8 +107,11 @@ def build_rm(cfg: Config, resume: str | None = None, model: Any = None, tokenize
     model.to(session.device)
     recipe = RewardRecipe(pad, t.layout)
     return Job(session=session, policy=reward_module(cfg, model, place), recipe=recipe, items=items,
-               order=step_order(cfg, len(items), place), lr=t.lr if t.lr is not None else DEFAULT_LR,
-               tokenizer=tokenizer, eval_recipe=recipe if eval_items else None, eval_items=eval_items)
+               order=step_order(cfg, len(items), place, [recipe.cost(x) for x in items],
+                                forward_budget(cfg, session.device)),
+               lr=t.lr if t.lr is not None else DEFAULT_LR, tokenizer=tokenizer,
+               eval_recipe=recipe if eval_items else None, eval_items=eval_items,
+               eval_costs=[recipe.cost(x) for x in eval_items])
 
 
 def reward_card(cfg: Config, metrics: dict[str, float], lr: float) -> str:

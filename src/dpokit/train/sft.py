@@ -12,7 +12,7 @@ from typing import Any
 from dpokit.config import Config
 from dpokit.models import load_model, load_tokenizer
 from dpokit.train.build import load_stage_items, policy_module
-from dpokit.train.loop import Job, run_stage, step_order
+from dpokit.train.loop import Job, forward_budget, run_stage, step_order
 from dpokit.train.recipes import SFTRecipe
 from dpokit.train.rundir import open_session
 
@@ -26,9 +26,10 @@ def build_sft(cfg: Config, resume: str | None = None, model: Any = None, tokeniz
     items = load_stage_items(cfg, "sft", cfg.data.train_files, tokenizer, "train", session.run_dir, session.dist)
     model = model if model is not None else load_model(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model.to(session.device)
-    return Job(session=session, policy=policy_module(cfg, model, session.dist),
-               recipe=SFTRecipe(tokenizer.pad_token_id, cfg.train.layout), items=items,
-               order=step_order(cfg, len(items), session.dist),
+    recipe = SFTRecipe(tokenizer.pad_token_id, cfg.train.layout)
+    return Job(session=session, policy=policy_module(cfg, model, session.dist), recipe=recipe, items=items,
+               order=step_order(cfg, len(items), session.dist, [recipe.cost(x) for x in items],
+                                forward_budget(cfg, session.device)),
                lr=cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR, tokenizer=tokenizer)
 
 
