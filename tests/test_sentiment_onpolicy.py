@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpokit.eval.stats import efficiency
@@ -70,3 +71,71 @@ def test_committed_results_recompute(onpolicy, which):
         assert max(p.info["judge_budget"] for p in trained if p.method == m) == result["budget"]
     table = onpolicy.table(result)
     assert all(onpolicy.METHODS[m][0] in table for m in result["methods"])
+
+
+@pytest.fixture(scope="module")
+def pistar():
+    sys.path.insert(0, str(ROOT))  # it reads onpolicy.py as `onpolicy` and run.py as `run`
+    spec = importlib.util.spec_from_file_location("sentiment_rloo_pistar", ROOT / "rloo_pistar.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        for name in (spec.name, "onpolicy", "run"):
+            sys.modules.pop(name, None)
+        sys.path.remove(str(ROOT))
+
+
+def test_pi_star_comparison_by_hand(pistar):
+    """A point placed at pi*_beta compares at zero; one a known distance away gets that difference over the
+    combined standard error; a huge beta's pi* is the reference itself (KL 0, the mean reward)."""
+    from dpokit.eval.frontier import Point
+
+    rng = np.random.default_rng(0)
+    rewards = rng.uniform(-1, 1, size=(30, 16)).tolist()
+    star = pistar.pistar_with_stderr(rewards, 0.5, n_boot=200)
+    assert star["objective"] == pytest.approx(star["reward"] - 0.5 * star["kl"])
+    assert star["kl_stderr"] > 0 and star["reward_stderr"] > 0
+    flat = pistar.pistar_with_stderr(rewards, 1e6, n_boot=50)
+    assert flat["kl"] == pytest.approx(0, abs=1e-9) and flat["reward"] == pytest.approx(np.mean(rewards), rel=1e-4)
+    # per-prompt values whose means sit exactly at pi*, then 0.3 nats further and 0.1 lower
+    kls = [star["kl"] - 0.05, star["kl"] + 0.05] * 10
+    rws = [star["reward"] + 0.02, star["reward"] - 0.02] * 10
+    at = Point.of("final", "rloo", rws, kls, samples=20)
+    c = pistar.compare(at, star)
+    assert c["kl_diff"] == pytest.approx(0, abs=1e-12) and c["reward_diff"] == pytest.approx(0, abs=1e-12)
+    assert c["objective_z"] == pytest.approx(0, abs=1e-9)
+    off = Point.of("s", "rloo", [r - 0.1 for r in rws], [k + 0.3 for k in kls], samples=20)
+    c = pistar.compare(off, star)
+    assert c["kl_z"] == pytest.approx(0.3 / np.hypot(off.kl_stderr, star["kl_stderr"]))
+    assert c["reward_z"] == pytest.approx(-0.1 / np.hypot(off.reward_stderr, star["reward_stderr"]))
+    j = [r - 0.5 * k for r, k in zip(off.prompt_rewards, off.prompt_kls)]  # KL up, reward down: J's error is larger
+    assert c["objective_diff"] == pytest.approx(-0.1 - 0.5 * 0.3)
+    assert c["objective_stderr"] == pytest.approx(np.std(j, ddof=1) / np.sqrt(len(j)))
+    assert c["objective_stderr"] > np.hypot(off.reward_stderr, 0.5 * off.kl_stderr)
+    assert c["objective_z"] == pytest.approx((-0.1 - 0.15) / np.hypot(c["objective_stderr"], star["objective_stderr"]))
+
+
+@pytest.mark.parametrize("name", ["rloo-pistar-full", "rloo-pistar-quick"])
+def test_committed_pi_star_comparison_recomputes(pistar, name):
+    """pi*_beta recomputes from the committed held-out reference samples (with its bootstrap errors), and every
+    comparison from its point."""
+    from dpokit.eval.frontier import Point
+
+    path = ROOT / "results" / name / "result.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not committed")
+    result = json.loads(path.read_text())
+    sys.path.insert(0, str(ROOT))
+    from run import by_prompt, read_set
+
+    heldout = by_prompt(read_set("pool-heldout"), "score", result["eval_prompts"])
+    star = pistar.pistar_with_stderr(heldout, result["plan"]["beta"])
+    for key, value in star.items():
+        assert result["pi_star"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    for p, c in zip(result["points"], result["comparisons"]):
+        again = pistar.compare(Point(**p), star)
+        for key, value in again.items():
+            assert c[key] == pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else c[key] == value
