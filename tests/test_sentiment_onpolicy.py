@@ -16,19 +16,24 @@ ROOT = Path(__file__).parents[1] / "examples" / "sentiment"
 pytestmark = pytest.mark.skipif(not (ROOT / "onpolicy.py").is_file(), reason="examples/ not in this checkout")
 
 
-@pytest.fixture(scope="module")
-def onpolicy():
-    sys.path.insert(0, str(ROOT))  # it reads run.py's pieces as `run`
-    spec = importlib.util.spec_from_file_location("sentiment_onpolicy", ROOT / "onpolicy.py")
+def _script(file: str):
+    """Load an example script as a module; it reads its siblings (run.py, onpolicy.py) by their plain names."""
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(f"sentiment_{Path(file).stem}", ROOT / file)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     try:
         spec.loader.exec_module(mod)
         yield mod
     finally:
-        sys.modules.pop(spec.name, None)
-        sys.modules.pop("run", None)
+        for name in (spec.name, "onpolicy", "run"):
+            sys.modules.pop(name, None)
         sys.path.remove(str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def onpolicy():
+    yield from _script("onpolicy.py")
 
 
 @pytest.mark.parametrize("which", ["QUICK", "FULL"])
@@ -75,17 +80,7 @@ def test_committed_results_recompute(onpolicy, which):
 
 @pytest.fixture(scope="module")
 def pistar():
-    sys.path.insert(0, str(ROOT))  # it reads onpolicy.py as `onpolicy` and run.py as `run`
-    spec = importlib.util.spec_from_file_location("sentiment_rloo_pistar", ROOT / "rloo_pistar.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        for name in (spec.name, "onpolicy", "run"):
-            sys.modules.pop(name, None)
-        sys.path.remove(str(ROOT))
+    yield from _script("rloo_pistar.py")
 
 
 def test_pi_star_comparison_by_hand(pistar):
@@ -128,8 +123,7 @@ def test_committed_pi_star_comparison_recomputes(pistar, name):
     if not path.is_file():
         pytest.skip(f"{path} not committed")
     result = json.loads(path.read_text())
-    sys.path.insert(0, str(ROOT))
-    from run import by_prompt, read_set
+    from run import by_prompt, read_set  # on the path while the fixture's script is loaded
 
     heldout = by_prompt(read_set("pool-heldout"), "score", result["eval_prompts"])
     star = pistar.pistar_with_stderr(heldout, result["plan"]["beta"])
