@@ -11,6 +11,7 @@ the evaluation and the reference samples are ``onpolicy.py``'s.
     python examples/sentiment/rloo_pistar.py                 # beta 0.5, all 525 training prompts x 4, lr 2e-5
     python examples/sentiment/rloo_pistar.py --quick         # 32 prompts, 20 held-out: a smoke run
     python examples/sentiment/rloo_pistar.py --beta 1 --prompts 256
+    python examples/sentiment/rloo_pistar.py --k 8 --prompts 256 --name rloo-pistar-k8   # the same budget, k = 8
 
 Writes ``results/rloo-pistar-{full,quick}/`` (``result.json``, ``table.md``); the run's points are kept in
 ``runs/rloo/points.json`` and not recomputed.
@@ -96,15 +97,17 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.5, help="RLOO's KL penalty, and the pi*_beta it is compared to")
     ap.add_argument("--prompts", type=int, default=None, help="training prompts (default: 525, or 32 with --quick)")
     ap.add_argument("--lr", type=float, default=None, help="RLOO's peak learning rate (default: onpolicy.py's)")
+    ap.add_argument("--k", type=int, default=None, help="samples per prompt (default: onpolicy.py's 4)")
     ap.add_argument("--snapshots", type=int, default=3, help="snapshots along the run (the final model is one more)")
+    ap.add_argument("--name", default=None, help="results subdirectory (default: rloo-pistar-full or -quick)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
     ap.add_argument("--cache-dir", default=None, help="model cache (default: $DPOKIT_CACHE or ~/.cache/dpokit)")
     ap.add_argument("--reference", default=str(REFERENCE), help="directory of the committed reference samples")
     args = ap.parse_args()
     base = QUICK if args.quick else FULL
     plan = replace(base, beta=args.beta, train_prompts=args.prompts or (32 if args.quick else 525),
-                   rl_lr=args.lr or base.rl_lr, snapshots=args.snapshots)
-    out = Path(args.out) / f"rloo-pistar-{'quick' if args.quick else 'full'}"
+                   rl_lr=args.lr or base.rl_lr, snapshots=args.snapshots, n=args.k or base.n)
+    out = Path(args.out) / (args.name or f"rloo-pistar-{'quick' if args.quick else 'full'}")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
     t0 = time.perf_counter()

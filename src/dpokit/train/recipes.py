@@ -119,6 +119,7 @@ class Recipe:
     postfix: tuple[str, ...] = ("loss",)
     keys: tuple[str, ...] = ("loss",)
     batch_type: type[Batch] = Batch
+    splittable = True  # the loss sums over examples, so a micro-batch may run as several forwards (StepOrder)
 
     def __init__(self, pad_id: int, layout: str = "auto"):
         self.pad_id, self.layout = pad_id, layout
@@ -126,9 +127,6 @@ class Recipe:
 
     def sequences(self, items: Sequence[Any], index: Sequence[int]) -> tuple[Sequences, list[tuple[int, int]] | None]:
         raise NotImplementedError
-
-    splittable = True  # a micro-batch may run as several forwards (``StepOrder.forwards``): the loss is a sum
-    # over examples
 
     def extras(self, items: Sequence[Any]) -> dict[str, Any]:
         return {}
