@@ -26,7 +26,7 @@ def _script(file: str):
         spec.loader.exec_module(mod)
         yield mod
     finally:
-        for name in (spec.name, "onpolicy", "run"):
+        for name in (spec.name, "onpolicy", "run", "rloo_pistar"):
             sys.modules.pop(name, None)
         sys.path.remove(str(ROOT))
 
@@ -133,3 +133,59 @@ def test_committed_pi_star_comparison_recomputes(pistar, name):
         again = pistar.compare(Point(**p), star)
         for key, value in again.items():
             assert c[key] == pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else c[key] == value
+
+
+@pytest.fixture(scope="module")
+def btstar():
+    yield from _script("bt_pistar.py")
+
+
+def test_bradley_terry_pairs_of_the_reference_samples(btstar):
+    """Every training prompt's 8 committed samples make 4 pairs as drawn (one left out per empty text, counted);
+    the labels agree with VADER's order about as often as sigma(|dr| / tau) says, more often at a lower tau; a
+    tied pair is labelled by a coin."""
+    from run import read_set
+
+    from dpokit.demo import prompt_pool
+
+    rows, prompts = read_set("pool-train"), prompt_pool().train[:100]
+    mine = [r for r in rows if r["prompt_index"] < 100]
+    agree = {}
+    for tau in (0.05, 1.0):
+        recs, stats = btstar.bt_pairs(rows, prompts, tau)
+        assert stats["pairs"] + sum(stats["left_out"].values()) == len(mine) // 2 == 400
+        assert stats["prompts_without_pair"] == 0
+        decided = len(recs) - stats["tied_scores"]
+        se = np.sqrt(stats["expected_agreement"] * (1 - stats["expected_agreement"]) / decided)
+        assert abs(stats["label_agrees_with_scores"] - stats["expected_agreement"]) < 3 * se
+        agree[tau] = stats["label_agrees_with_scores"]
+        texts = {(r["prompt_index"], r["text"]): r["score"] for r in mine}
+        for r in recs[:50]:  # each record carries its samples' own scores
+            i = prompts.index(r["prompt"])
+            assert texts[(i, r["chosen"])] == r["chosen_score"] and texts[(i, r["rejected"])] == r["rejected_score"]
+    assert agree[0.05] > agree[1.0] + 0.1
+    assert btstar.bt_pairs(rows, prompts, 1.0) == btstar.bt_pairs(rows, prompts, 1.0)  # seeded per prompt
+
+
+def test_committed_bradley_terry_comparison_recomputes(btstar):
+    """The committed DPO-on-BT-labels result: its pairs remake from the reference samples, pi*_{tau beta} and
+    pi*_beta from the held-out ones, and every comparison from its point."""
+    from run import by_prompt, read_set
+
+    from dpokit.demo import prompt_pool
+    from dpokit.eval.frontier import Point
+
+    path = ROOT / "results" / "bt-pistar-full" / "result.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not committed")
+    result = json.loads(path.read_text())
+    p = result["plan"]
+    _, stats = btstar.bt_pairs(read_set("pool-train"), prompt_pool().train[: p["train_prompts"]], p["tau"])
+    assert stats == result["pairs"]
+    heldout = by_prompt(read_set("pool-heldout"), "score", result["eval_prompts"])
+    for key, beta in (("pi_star", p["tau"] * p["beta"]), ("pi_star_beta", p["beta"])):
+        star = btstar.pistar_with_stderr(heldout, beta)
+        assert result[key] == pytest.approx(star, rel=1e-9, abs=1e-12)
+        for q, c in zip(result["points"], result[f"comparisons_{key}"]):
+            again = btstar.compare(Point(**q), star)
+            assert c == pytest.approx(again, rel=1e-9, abs=1e-12)

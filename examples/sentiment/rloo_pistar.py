@@ -71,19 +71,25 @@ def compare(point: Point, star: dict) -> dict:
     return out
 
 
+def comparison_rows(comparisons: list[dict], what: str) -> list[str]:
+    """A markdown table of ``compare``'s results, a row per point."""
+    lines = [f"| {what} | judge budget | KL (nats) | mean VADER | J | KL − π* (z) | reward − π* (z) | J − π* (z) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['label']} | {c['judge_budget']} | {c['kl']:.3f} ± {c['kl_stderr']:.3f} | "
+                     f"{c['reward']:+.3f} ± {c['reward_stderr']:.3f} | {c['objective']:+.3f} ± "
+                     f"{c['objective_stderr']:.3f} | {c['kl_diff']:+.3f} ({c['kl_z']:+.1f}) | {c['reward_diff']:+.3f} "
+                     f"({c['reward_z']:+.1f}) | {c['objective_diff']:+.3f} ({c['objective_z']:+.1f}) |")
+    return lines
+
+
 def table(result: dict) -> str:
     s = result["pi_star"]
     lines = [f"pi*_beta at beta = {s['beta']:g} (tilted reference samples, {result['eval_prompts']} held-out prompts "
              f"x {result['reference_samples_per_prompt']}): KL {s['kl']:.3f} ± {s['kl_stderr']:.3f}, reward "
              f"{s['reward']:+.3f} ± {s['reward_stderr']:.3f}, J = reward - beta KL {s['objective']:+.3f} ± "
              f"{s['objective_stderr']:.3f}; reference reward {result['reference_reward']:+.3f}", "",
-             "| RLOO point | judge budget | KL (nats) | mean VADER | J | KL − π* (z) | reward − π* (z) | J − π* (z) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in result["comparisons"]:
-        lines.append(f"| {c['label']} | {c['judge_budget']} | {c['kl']:.3f} ± {c['kl_stderr']:.3f} | "
-                     f"{c['reward']:+.3f} ± {c['reward_stderr']:.3f} | {c['objective']:+.3f} ± "
-                     f"{c['objective_stderr']:.3f} | {c['kl_diff']:+.3f} ({c['kl_z']:+.1f}) | {c['reward_diff']:+.3f} "
-                     f"({c['reward_z']:+.1f}) | {c['objective_diff']:+.3f} ({c['objective_z']:+.1f}) |")
+             ] + comparison_rows(result["comparisons"], "RLOO point")
     p = result["plan"]
     lines += ["", f"RLOO: beta {p['beta']:g}, {p['train_prompts']} prompts x k = {p['n']}, {p['rl_batch']} prompts per "
                   f"step, lr {p['rl_lr']:g} (warm-up 10%, then linear decay), precision {result['precision']}; "
