@@ -83,6 +83,7 @@ class Plan:
     rl_batch: int  # prompts per RLOO step
     snapshots: int  # weights snapshots along each DPO and RLOO run (the final model is one more point)
     n_boot: int = 1000
+    rl_epochs: float = 1.0  # RLOO's passes over its prompts (fresh samples on each pass)
 
     @property
     def budget(self) -> int:
@@ -212,9 +213,10 @@ class Experiment:
         cfg = Config()
         cfg.model.name_or_path = str(self.task.model_dir)
         cfg.data.max_prompt_length = 64
-        cfg.train.batch_size, cfg.train.epochs, cfg.train.lr, cfg.train.seed = plan.rl_batch, 1.0, plan.rl_lr, 0
-        cfg.train.ref_cache = False
-        steps = math.ceil(plan.train_prompts / plan.rl_batch)
+        cfg.train.batch_size, cfg.train.epochs, cfg.train.lr = plan.rl_batch, plan.rl_epochs, plan.rl_lr
+        cfg.train.seed, cfg.train.ref_cache = 0, False
+        seen = round(plan.train_prompts * plan.rl_epochs)  # prompts sampled over the run
+        steps = math.ceil(seen / plan.rl_batch)
         cfg.train.snapshot_steps = snapshot_every(steps, plan)
         cfg.loss.beta, cfg.output_dir, cfg.precision = plan.beta, str(run), self.task.precision
         judge_name = "reward model" if method == "rm-rloo" else "vader"
@@ -222,7 +224,7 @@ class Experiment:
                               judge={"judge": judge_name})
         run_rl(cfg, settings, self.judge(method), overwrite=True)
         models = run_models(run)
-        budgets = [min(plan.train_prompts, (s or steps) * plan.rl_batch) * plan.n for _, _, s in models]
+        budgets = [min(seen, (s or steps) * plan.rl_batch) * plan.n for _, _, s in models]
         points = self.evaluate(method, models, budgets)
         shutil.rmtree(run / "snapshots", ignore_errors=True)
         return points

@@ -91,9 +91,11 @@ def table(result: dict) -> str:
              f"{s['objective_stderr']:.3f}; reference reward {result['reference_reward']:+.3f}", "",
              ] + comparison_rows(result["comparisons"], "RLOO point")
     p = result["plan"]
-    lines += ["", f"RLOO: beta {p['beta']:g}, {p['train_prompts']} prompts x k = {p['n']}, {p['rl_batch']} prompts per "
-                  f"step, lr {p['rl_lr']:g} (warm-up 10%, then linear decay), precision {result['precision']}; "
-                  f"{result['seconds']:.0f} s this invocation"]
+    passes = p.get("rl_epochs", 1.0)
+    lines += ["", f"RLOO: beta {p['beta']:g}, {p['train_prompts']} prompts x k = {p['n']}"
+              + (f", {passes:g} passes" if passes != 1 else "")
+              + f", {p['rl_batch']} prompts per step, lr {p['rl_lr']:g} (warm-up 10%, then linear decay), precision "
+              f"{result['precision']}; {result['seconds']:.0f} s this invocation"]
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +106,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="training prompts (default: 525, or 32 with --quick)")
     ap.add_argument("--lr", type=float, default=None, help="RLOO's peak learning rate (default: onpolicy.py's)")
     ap.add_argument("--k", type=int, default=None, help="samples per prompt (default: onpolicy.py's 4)")
+    ap.add_argument("--batch", type=int, default=None, help="prompts per step (default: onpolicy.py's 8)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts, fresh samples on each")
     ap.add_argument("--snapshots", type=int, default=3, help="snapshots along the run (the final model is one more)")
     ap.add_argument("--name", default=None, help="results subdirectory (default: rloo-pistar-full or -quick)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
@@ -112,7 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     base = QUICK if args.quick else FULL
     plan = replace(base, beta=args.beta, train_prompts=args.prompts or (32 if args.quick else 525),
-                   rl_lr=args.lr or base.rl_lr, snapshots=args.snapshots, n=args.k or base.n)
+                   rl_lr=args.lr or base.rl_lr, snapshots=args.snapshots, n=args.k or base.n,
+                   rl_batch=args.batch or base.rl_batch, rl_epochs=args.epochs)
     out = Path(args.out) / (args.name or f"rloo-pistar-{'quick' if args.quick else 'full'}")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out)
