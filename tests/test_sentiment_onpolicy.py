@@ -130,9 +130,7 @@ def test_committed_pi_star_comparison_recomputes(pistar, name):
     for key, value in star.items():
         assert result["pi_star"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     for p, c in zip(result["points"], result["comparisons"]):
-        again = pistar.compare(Point(**p), star)
-        for key, value in again.items():
-            assert c[key] == pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else c[key] == value
+        _same(c, pistar.compare(Point(**p), star))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +167,7 @@ def test_bradley_terry_pairs_of_the_reference_samples(btstar):
 
 def test_committed_bradley_terry_comparison_recomputes(btstar):
     """The committed DPO-on-BT-labels result: its pairs remake from the reference samples, pi*_{tau beta} and
-    pi*_beta from the held-out ones, and every comparison from its point."""
+    pi*_beta from the held-out ones, every comparison from its point, and the final point's efficiency."""
     from run import by_prompt, read_set
 
     from dpokit.demo import prompt_pool
@@ -187,5 +185,14 @@ def test_committed_bradley_terry_comparison_recomputes(btstar):
         star = btstar.pistar_with_stderr(heldout, beta)
         assert result[key] == pytest.approx(star, rel=1e-9, abs=1e-12)
         for q, c in zip(result["points"], result[f"comparisons_{key}"]):
-            again = btstar.compare(Point(**q), star)
-            assert c == pytest.approx(again, rel=1e-9, abs=1e-12)
+            _same(c, btstar.compare(Point(**q), star))
+    last = result["points"][-1]  # the final point's efficiency against the ceiling at its KL
+    _same(last["efficiency"], efficiency(last["prompt_rewards"], last["prompt_kls"], heldout,
+                                         n_boot=btstar.N_BOOT).to_dict())
+
+
+def _same(stored: dict, again: dict) -> None:
+    """A committed record equals its recomputation: floats to 1e-9, everything else exactly."""
+    assert stored.keys() == again.keys()
+    for key, value in again.items():
+        assert stored[key] == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key

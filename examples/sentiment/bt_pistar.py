@@ -49,7 +49,10 @@ from dpokit.demo import prompt_pool, sentiment_task  # noqa: E402
 from dpokit.eval.frontier import Point  # noqa: E402
 from dpokit.eval.pairing import BradleyTerry, pair_scored  # noqa: E402
 from dpokit.eval.sampling import Sample  # noqa: E402
+from dpokit.eval.stats import efficiency  # noqa: E402
 from dpokit.train.rundir import setup_logging  # noqa: E402
+
+N_BOOT = 1000  # bootstrap resamples of each point's efficiency
 
 
 def bt_pairs(rows: list[dict], prompts: list[str], tau: float, seed: int = 0) -> tuple[list[dict], dict]:
@@ -78,13 +81,16 @@ def table(result: dict) -> str:
                   f"{s['reward']:+.3f} ± {s['reward_stderr']:.3f}, J {s['objective']:+.3f} ± "
                   f"{s['objective_stderr']:.3f}",
                   ""] + comparison_rows(result[f"comparisons_{key}"], "DPO point") + [""]
+    eff = ", ".join(f"{p['label']} {p['efficiency']['efficiency']:.0%} ± {p['efficiency']['stderr']:.0%}"
+                    for p in result["points"])
+    lines += [f"efficiency (reward gain over the ceiling's at the point's KL): {eff}", ""]
     pr = result["pairs"]
     lines += [f"DPO: beta {p['beta']:g} on Bradley-Terry labels at tau {p['tau']:g}; {pr['pairs']} pairs from "
               f"{p['train_prompts']} prompts x 8 reference samples ({pr['tied_scores']} with tied scores, labelled by "
               f"a coin; the label agrees with VADER's order on {pr['label_agrees_with_scores']:.3f} of the rest, "
               f"{pr['expected_agreement']:.3f} expected), one epoch, batch {p['batch_size']}, lr {p['lr']:g}, "
-              f"precision {result['precision']}; reference reward {result['reference_reward']:+.3f}; "
-              f"{result['seconds']:.0f} s this invocation"]
+              f"precision {result['precision']}; reference reward {result['reference_reward']:+.3f}; training "
+              f"{result['points'][-1]['info']['train_seconds']} s, {result['seconds']:.0f} s this invocation"]
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +125,8 @@ def main() -> None:
         p.info["judge_budget"] = 2 * min(len(records), p.step * plan.batch_size if p.step else len(records))
     ref_rewards = by_prompt(read_set("pool-heldout", reference), "score", n_eval)
     star, star_beta = pistar_with_stderr(ref_rewards, args.tau * args.beta), pistar_with_stderr(ref_rewards, args.beta)
+    for p in points:  # against the ceiling at the point's own KL, as run.py's table
+        p.efficiency = efficiency(p.prompt_rewards, p.prompt_kls, ref_rewards, n_boot=N_BOOT).to_dict()
     result = {"plan": {**asdict(plan), "beta": args.beta, "tau": args.tau, "lr": args.lr}, "precision": task.precision,
               "eval_prompts": n_eval, "reference_samples_per_prompt": len(ref_rewards[0]),
               "reference_reward": float(np.mean([np.mean(r) for r in ref_rewards])), "pairs": pair_stats,
