@@ -25,19 +25,16 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from rloo_pistar import compare, comparison_rows, pistar_with_stderr  # noqa: E402
+from rloo_pistar import arguments, compare, comparison_rows, pistar_with_stderr  # noqa: E402
 from run import (  # noqa: E402
     FULL,
-    HERE,
     MAX_NEW_TOKENS,
-    REFERENCE,
     Variant,
     by_prompt,
     read_set,
@@ -95,17 +92,10 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="32 prompts, 20 held-out prompts: a smoke run")
+    ap = arguments(__doc__, "bt-pistar", snapshots=4)
     ap.add_argument("--beta", type=float, default=1.0, help="DPO's beta")
     ap.add_argument("--tau", type=float, default=0.5, help="the Bradley-Terry labels' temperature")
     ap.add_argument("--lr", type=float, default=2e-5, help="DPO's peak learning rate")
-    ap.add_argument("--prompts", type=int, default=None, help="training prompts (default: 525, or 32 with --quick)")
-    ap.add_argument("--snapshots", type=int, default=4, help="snapshots along the epoch (the final model is one more)")
-    ap.add_argument("--name", default=None, help="results subdirectory (default: bt-pistar-full or -quick)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
-    ap.add_argument("--cache-dir", default=None, help="model cache (default: $DPOKIT_CACHE or ~/.cache/dpokit)")
-    ap.add_argument("--reference", default=str(REFERENCE), help="directory of the committed reference samples")
     args = ap.parse_args()
     n_train, n_eval = (args.prompts or (32 if args.quick else 525)), (20 if args.quick else 100)
     v = Variant("sigmoid", args.beta, args.lr)

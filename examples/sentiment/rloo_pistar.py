@@ -99,20 +99,27 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str, name: str, snapshots: int) -> argparse.ArgumentParser:
+    """The options every pi* comparison script takes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="32 prompts, 20 held-out prompts: a smoke run")
-    ap.add_argument("--beta", type=float, default=0.5, help="RLOO's KL penalty, and the pi*_beta it is compared to")
     ap.add_argument("--prompts", type=int, default=None, help="training prompts (default: 525, or 32 with --quick)")
+    ap.add_argument("--snapshots", type=int, default=snapshots, help="snapshots along the run (the final model is "
+                    "one more)")
+    ap.add_argument("--name", default=None, help=f"results subdirectory (default: {name}-full or -quick)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
+    ap.add_argument("--cache-dir", default=None, help="model cache (default: $DPOKIT_CACHE or ~/.cache/dpokit)")
+    ap.add_argument("--reference", default=str(REFERENCE), help="directory of the committed reference samples")
+    return ap
+
+
+def main() -> None:
+    ap = arguments(__doc__, "rloo-pistar", snapshots=3)
+    ap.add_argument("--beta", type=float, default=0.5, help="RLOO's KL penalty, and the pi*_beta it is compared to")
     ap.add_argument("--lr", type=float, default=None, help="RLOO's peak learning rate (default: onpolicy.py's)")
     ap.add_argument("--k", type=int, default=None, help="samples per prompt (default: onpolicy.py's 4)")
     ap.add_argument("--batch", type=int, default=None, help="prompts per step (default: onpolicy.py's 8)")
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts, fresh samples on each")
-    ap.add_argument("--snapshots", type=int, default=3, help="snapshots along the run (the final model is one more)")
-    ap.add_argument("--name", default=None, help="results subdirectory (default: rloo-pistar-full or -quick)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="results directory")
-    ap.add_argument("--cache-dir", default=None, help="model cache (default: $DPOKIT_CACHE or ~/.cache/dpokit)")
-    ap.add_argument("--reference", default=str(REFERENCE), help="directory of the committed reference samples")
     args = ap.parse_args()
     base = QUICK if args.quick else FULL
     plan = replace(base, beta=args.beta, train_prompts=args.prompts or (32 if args.quick else 525),
