@@ -43,11 +43,13 @@ def tiny_config(vocab_size: int = 49152):
     )
 
 
-def make_tiny(seed: int = 0):
+def make_tiny(seed: int = 0, vocab_size: int = 49152):
+    """A random tiny Llama; with a ``vocab_size`` below the tokenizer's, only its first ids (a policy small enough
+    to enumerate)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(vocab_size), dtype=torch.float32)
     model.eval()
     return model
 

@@ -288,3 +288,53 @@ def test_dpo_on_bradley_terry_labels_recovers_the_optimum_at_tau_beta():
     wrong = torch.softmax(ref + torch.tensor(r, dtype=torch.float64) / beta, -1)
     assert torch.allclose(pi, target, atol=0.02), (pi, target)
     assert (pi - wrong).abs().max() > 0.05
+
+
+@pytest.mark.slow
+def test_dpokit_dpo_on_bradley_terry_labels_fits_the_reward_over_tau_on_a_one_token_task(tmp_path: Path,
+                                                                                        tokenizer_dir: Path):
+    """The same theory through ``dpokit dpo`` end to end (pairs file, tokenization, reference, the loop): a tiny
+    model whose vocabulary is the tokenizer's first 64 ids, prompt "A", one-token completions y (each followed by
+    EOS, as the data pipeline writes it) drawn from pi_ref over 32 punctuation and digit tokens, reward 1 for a
+    digit, labels by ``BradleyTerry(tau)``. DPO's minimizer has beta * log(pi(y) / pi_ref(y)) = r(y) / tau + const,
+    so the digits' mean log-ratio exceeds the others' by 1 / (tau beta), which is pi*_{tau beta} on this support;
+    ignoring tau would give 1 / beta."""
+    import torch
+    from conftest import make_tiny
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tmp_path / "tiny64"
+    make_tiny(vocab_size=64).save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(model_dir)
+    support = list(range(17, 49))  # '!' .. '@': each stays one token after "A" (checked below)
+    assert all(tokenizer.encode("A" + tokenizer.decode([i])) == [49, i] for i in support)
+    reward = torch.tensor([1.0 if tokenizer.decode([i]).isdigit() else 0.0 for i in support], dtype=torch.float64)
+    assert int(reward.sum()) == 10
+    eos = tokenizer.eos_token_id
+
+    def seq_logps(path: Path) -> torch.Tensor:  # log pi(y, EOS | "A") [len(support)]
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        ids = torch.tensor([[49, i, eos] for i in support])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits, -1)
+        return logp[:, 0].gather(1, ids[:, 1:2])[:, 0] + logp[:, 1, eos]
+
+    ref = seq_logps(model_dir)
+    g = torch.Generator().manual_seed(0)
+    tau, beta, n = 0.5, 1.0, 3000
+    draws = torch.multinomial(torch.softmax(ref, -1), 2 * n, replacement=True, generator=g).view(n, 2).tolist()
+    bt, rng, records = BradleyTerry(tau), random.Random(0), []
+    for a, b in draws:
+        if a != b:
+            (w, lo), = bt.pairs([float(reward[a]), float(reward[b])], rng)
+            records.append({"prompt": "A", "chosen": tokenizer.decode([support[(a, b)[w]]]),
+                            "rejected": tokenizer.decode([support[(a, b)[lo]]])})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "dpo"
+    assert run_cli("dpo", "--model", model_dir, "--data", data, "--output-dir", out, "--beta", beta,
+                   "train.epochs=4", "train.batch_size=64", "train.lr=1e-2", "precision=fp32") == 0
+    h = seq_logps(out / "final") - ref  # log pi / pi_ref of each (y, EOS)
+    digits, others = h[reward == 1].mean(), h[reward == 0].mean()
+    assert float(digits - others) == pytest.approx(1 / (tau * beta), abs=0.25), h

@@ -144,3 +144,61 @@ def test_dpokit_rl_refuses_what_it_cannot_do(tmp_path: Path, tiny_model_dir: Pat
                    "http://127.0.0.1:9/v1") == 2
     assert "reward per sample" in capsys.readouterr().err
     assert not out.exists()
+
+
+def digit(prompt: str, completion: str) -> float:
+    return 1.0 if completion.strip().isdigit() else 0.0
+
+
+TOY_PROMPTS = ["!#$%", "(", "?", "&*"]  # ids below 64: the tiny vocabulary's punctuation
+
+
+def _next_token_logps(model_dir: Path, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """log pi(y | x) [P, V] of one-token completions y under the model saved at ``model_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.eval.sampling import prompt_ids
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return torch.stack([torch.log_softmax(model(torch.tensor([prompt_ids(tokenizer, p)])).logits[0, -1], -1)
+                            for p in prompts])
+
+
+@pytest.mark.slow
+def test_dpokit_rl_lands_on_the_kl_regularized_optimum_of_a_one_token_task(tmp_path: Path, tokenizer_dir: Path):
+    """``dpokit rl`` end to end (sampling, judge, KL-in-reward, leave-one-out, the optimizer) on a task small enough
+    to converge: a tiny model whose 64-token vocabulary is the tokenizer's first 64 ids, one new token per prompt,
+    reward 1 for a digit. pi*_beta ∝ pi_ref exp(r / beta) is exact over the vocabulary; RLOO must close most of
+    the gap in J = E[r] - beta KL(pi || pi_ref), which is beta * KL(pi || pi*_beta) (Rafailov et al. 2023, App. A.1),
+    and land on pi*'s reward and KL."""
+    from conftest import make_tiny
+    from transformers import AutoTokenizer
+
+    from dpokit.eval.sampling import prompt_ids
+
+    model_dir = tmp_path / "tiny64"
+    make_tiny(vocab_size=64).save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert all(max(prompt_ids(tokenizer, p)) < 64 for p in TOY_PROMPTS)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(p + "\n" for p in TOY_PROMPTS))
+    beta, out = 0.5, tmp_path / "rl"
+    assert run_cli("rl", "--model", model_dir, "--output-dir", out, "--prompts", prompts, "--judge",
+                   "test_rl:digit", "-k", "8", "--max-new-tokens", "1", "--no-chat", "--beta", beta,
+                   "train.batch_size=4", "train.lr=3e-2", "--max-steps", "150", "--save-steps", "1000") == 0
+    reward = torch.tensor([digit("", tokenizer.decode([i], skip_special_tokens=True)) for i in range(64)],
+                          dtype=torch.float64)
+    ref = _next_token_logps(model_dir, tokenizer, TOY_PROMPTS)
+    star = torch.log_softmax(ref + reward / beta, -1)
+    pi = _next_token_logps(out / "final", tokenizer, TOY_PROMPTS)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # KL(p || q) per prompt, from log-probs
+        return (p.exp() * (p - q)).sum(-1)
+
+    gap_before, gap_after = kl(ref, star), kl(pi, star)
+    assert (gap_after < 0.05 * gap_before).all(), (gap_before, gap_after)
+    r_pi, r_star = (pi.exp() * reward).sum(-1), (star.exp() * reward).sum(-1)
+    assert torch.allclose(r_pi, r_star, atol=0.03), (r_pi, r_star)
+    assert torch.allclose(kl(pi, ref), kl(star, ref), atol=0.05), (kl(pi, ref), kl(star, ref))
