@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +69,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def save_tiny_vocab(out: Path, tokenizer_dir: Path, vocab_size: int = 64) -> Any:
+    """A tiny model of the tokenizer's first ``vocab_size`` ids saved at ``out`` with the tokenizer (returned)."""
+    from transformers import AutoTokenizer
+
+    make_tiny(vocab_size=vocab_size).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 PAIRS = [

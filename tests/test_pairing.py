@@ -300,13 +300,11 @@ def test_dpokit_dpo_on_bradley_terry_labels_fits_the_reward_over_tau_on_a_one_to
     so the digits' mean log-ratio exceeds the others' by 1 / (tau beta), which is pi*_{tau beta} on this support;
     ignoring tau would give 1 / beta."""
     import torch
-    from conftest import make_tiny
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import save_tiny_vocab
+    from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "tiny64"
-    make_tiny(vocab_size=64).save_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(model_dir)
+    tokenizer = save_tiny_vocab(model_dir, tokenizer_dir)
     support = list(range(17, 49))  # '!' .. '@': each stays one token after "A" (checked below)
     assert all(tokenizer.encode("A" + tokenizer.decode([i])) == [49, i] for i in support)
     reward = torch.tensor([1.0 if tokenizer.decode([i]).isdigit() else 0.0 for i in support], dtype=torch.float64)

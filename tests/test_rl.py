@@ -172,15 +172,12 @@ def test_dpokit_rl_lands_on_the_kl_regularized_optimum_of_a_one_token_task(tmp_p
     reward 1 for a digit. pi*_beta ∝ pi_ref exp(r / beta) is exact over the vocabulary; RLOO must close most of
     the gap in J = E[r] - beta KL(pi || pi_ref), which is beta * KL(pi || pi*_beta) (Rafailov et al. 2023, App. A.1),
     and land on pi*'s reward and KL."""
-    from conftest import make_tiny
-    from transformers import AutoTokenizer
+    from conftest import save_tiny_vocab
 
     from dpokit.eval.sampling import prompt_ids
 
     model_dir = tmp_path / "tiny64"
-    make_tiny(vocab_size=64).save_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(model_dir)
+    tokenizer = save_tiny_vocab(model_dir, tokenizer_dir)
     assert all(max(prompt_ids(tokenizer, p)) < 64 for p in TOY_PROMPTS)
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(p + "\n" for p in TOY_PROMPTS))
