@@ -290,7 +290,6 @@ def test_dpo_on_bradley_terry_labels_recovers_the_optimum_at_tau_beta():
     assert (pi - wrong).abs().max() > 0.05
 
 
-@pytest.mark.slow
 def test_dpokit_dpo_on_bradley_terry_labels_fits_the_reward_over_tau_on_a_one_token_task(tmp_path: Path,
                                                                                         tokenizer_dir: Path):
     """The same theory through ``dpokit dpo`` end to end (pairs file, tokenization, reference, the loop): a tiny

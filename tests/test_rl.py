@@ -165,7 +165,6 @@ def _next_token_logps(model_dir: Path, tokenizer, prompts: list[str]) -> torch.T
                             for p in prompts])
 
 
-@pytest.mark.slow
 def test_dpokit_rl_lands_on_the_kl_regularized_optimum_of_a_one_token_task(tmp_path: Path, tokenizer_dir: Path):
     """``dpokit rl`` end to end (sampling, judge, KL-in-reward, leave-one-out, the optimizer) on a task small enough
     to converge: a tiny model whose 64-token vocabulary is the tokenizer's first 64 ids, one new token per prompt,
