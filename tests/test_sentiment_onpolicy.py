@@ -113,7 +113,8 @@ def test_pi_star_comparison_by_hand(pistar):
     assert c["objective_z"] == pytest.approx((-0.1 - 0.15) / np.hypot(c["objective_stderr"], star["objective_stderr"]))
 
 
-@pytest.mark.parametrize("name", ["rloo-pistar-full", "rloo-pistar-k8", "rloo-pistar-2pass"])
+@pytest.mark.parametrize("name", ["rloo-pistar-full", "rloo-pistar-k8", "rloo-pistar-2pass",
+                                  "rloo-pistar-lr5e-6"])
 def test_committed_pi_star_comparison_recomputes(pistar, name):
     """pi*_beta recomputes from the committed held-out reference samples (with its bootstrap errors), and every
     comparison from its point."""
