@@ -114,7 +114,7 @@ def test_pi_star_comparison_by_hand(pistar):
 
 
 @pytest.mark.parametrize("name", ["rloo-pistar-full", "rloo-pistar-k8", "rloo-pistar-2pass",
-                                  "rloo-pistar-lr5e-6"])
+                                  "rloo-pistar-lr5e-6", "rloo-pistar-heldout"])
 def test_committed_pi_star_comparison_recomputes(pistar, name):
     """pi*_beta recomputes from the committed held-out reference samples (with its bootstrap errors), and every
     comparison from its point."""

@@ -123,9 +123,14 @@ class Experiment:
                              f"{plan.train_prompts}: draw them with run.py --regenerate pool-train")
         self.ref_rewards = by_prompt(read_set("pool-heldout", reference), "score", plan.eval_prompts)  # [P][64]
         self.prompts_file = out / "train_prompts.txt"
-        self.prompts_file.write_text("".join(p.replace("\n", " ") + "\n" for p in self.train_prompts))
+        self.use_training_prompts(self.train_prompts)
         self.vader = VaderJudge()
         self._rm: Any = None
+
+    def use_training_prompts(self, prompts: list[str]) -> None:
+        """The prompts the on-policy methods sample from (written one a line for ``dpokit online``/``rl``)."""
+        self.train_prompts = prompts
+        self.prompts_file.write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
 
     def reward_model(self) -> Any:
         if self._rm is None:

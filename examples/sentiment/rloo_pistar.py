@@ -12,6 +12,7 @@ the evaluation and the reference samples are ``onpolicy.py``'s.
     python examples/sentiment/rloo_pistar.py --quick         # 32 prompts, 20 held-out: a smoke run
     python examples/sentiment/rloo_pistar.py --beta 1 --prompts 256
     python examples/sentiment/rloo_pistar.py --k 8 --prompts 256 --name rloo-pistar-k8   # the same budget, k = 8
+    python examples/sentiment/rloo_pistar.py --train-on-heldout --epochs 10 --name rloo-pistar-heldout
 
 Writes ``results/rloo-pistar-{full,quick}/`` (``result.json``, ``table.md``); the run's points are kept in
 ``runs/rloo/points.json`` and not recomputed.
@@ -92,7 +93,8 @@ def table(result: dict) -> str:
              ] + comparison_rows(result["comparisons"], "RLOO point")
     p = result["plan"]
     passes = p.get("rl_epochs", 1.0)
-    lines += ["", f"RLOO: beta {p['beta']:g}, {p['train_prompts']} prompts x k = {p['n']}"
+    on = " (the held-out prompts themselves)" if result.get("trained_on") == "held-out" else ""
+    lines += ["", f"RLOO: beta {p['beta']:g}, {p['train_prompts']} prompts{on} x k = {p['n']}"
               + (f", {passes:g} passes" if passes != 1 else "")
               + f", {p['rl_batch']} prompts per step, lr {p['rl_lr']:g} (warm-up 10%, then linear decay), precision "
               f"{result['precision']}; {result['seconds']:.0f} s this invocation"]
@@ -120,9 +122,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="samples per prompt (default: onpolicy.py's 4)")
     ap.add_argument("--batch", type=int, default=None, help="prompts per step (default: onpolicy.py's 8)")
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts, fresh samples on each")
+    ap.add_argument("--train-on-heldout", action="store_true", help="train on the held-out prompts themselves: "
+                    "pi*_beta is defined prompt by prompt, so this leaves out generalizing to unseen prompts")
     args = ap.parse_args()
     base = QUICK if args.quick else FULL
-    plan = replace(base, beta=args.beta, train_prompts=args.prompts or (32 if args.quick else 525),
+    if args.train_on_heldout and args.prompts:
+        ap.error("--train-on-heldout trains on the evaluation prompts; --prompts does not apply")
+    n_train = base.eval_prompts if args.train_on_heldout else args.prompts or (32 if args.quick else 525)
+    plan = replace(base, beta=args.beta, train_prompts=n_train,
                    rl_lr=args.lr or base.rl_lr, snapshots=args.snapshots, n=args.k or base.n,
                    rl_batch=args.batch or base.rl_batch, rl_epochs=args.epochs)
     out = Path(args.out) / (args.name or f"rloo-pistar-{'quick' if args.quick else 'full'}")
@@ -130,9 +137,12 @@ def main() -> None:
     setup_logging(out)
     t0 = time.perf_counter()
     ex = Experiment(plan, out, Path(args.reference), args.cache_dir, reward_model=out / "unused")
+    if args.train_on_heldout:
+        ex.use_training_prompts(ex.eval_prompts)
     points = ex.cached("rloo", lambda run: ex.rloo("rloo", run))
     star = pistar_with_stderr(ex.ref_rewards, plan.beta)
-    result = {"plan": asdict(plan), "precision": ex.task.precision, "eval_prompts": plan.eval_prompts,
+    result = {"plan": asdict(plan), "trained_on": "held-out" if args.train_on_heldout else "training",
+              "precision": ex.task.precision, "eval_prompts": plan.eval_prompts,
               "reference_samples_per_prompt": len(ex.ref_rewards[0]),
               "reference_reward": float(np.mean([np.mean(v) for v in ex.ref_rewards])), "pi_star": star,
               "points": [p.to_dict() for p in points], "comparisons": [compare(p, star) for p in points],
